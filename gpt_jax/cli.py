@@ -1,0 +1,33 @@
+"""What train.py and sample.py share: argument parsing that fails on one line, and the exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from gpt_jax.errors import ConfigError, GptJaxError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise ConfigError, so they print as one line and exit 2."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see {self.prog} --help")
+
+
+def run(main: Callable[[list[str]], int | None], prog: str) -> None:
+    """Call ``main(sys.argv[1:])``; a user error prints ``prog: error: ...`` and exits 2."""
+    try:
+        code = main(sys.argv[1:])
+    except GptJaxError as e:
+        message = " ".join(str(e).split())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code or 0)

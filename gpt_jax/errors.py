@@ -1,0 +1,24 @@
+"""The user errors of gpt_jax: one base class, so a command line can catch them all.
+
+Each message says what is wrong and how to fix it, on one line. Anything else is a bug.
+"""
+
+
+class GptJaxError(Exception):
+    """A problem with the user's input: a config value, a dataset, a checkpoint, a prompt."""
+
+
+class ConfigError(GptJaxError):
+    """An unknown config key or an impossible value."""
+
+
+class DataError(GptJaxError):
+    """A dataset that is missing, empty, too short or not UTF-8 text."""
+
+
+class TokenizerError(GptJaxError):
+    """Text that the vocabulary cannot encode."""
+
+
+class CheckpointError(GptJaxError):
+    """A checkpoint directory that is missing or holds no usable step."""

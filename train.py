@@ -1,0 +1,54 @@
+"""Train a model: ``python train.py [configs/NAME.py] [--key=value ...]`` (nanoGPT's names).
+
+With no config file, the preset is ``shakespeare_char`` on an accelerator and
+``shakespeare_char_cpu`` without one. ``--help`` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from gpt_jax import cli
+from gpt_jax.config import FIELDS, Config, coerce, default_preset, make_config, parse_overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        description="Train a character-level bigram or GPT model. Options override the config file.",
+    )
+    parser.add_argument("config", nargs="?", help="a preset name or file, e.g. configs/shakespeare_char.py "
+                        "(default: shakespeare_char on an accelerator, shakespeare_char_cpu otherwise)")
+    defaults = Config()
+    for name, field in FIELDS.items():
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        extra = {"nargs": "?", "const": "True"} if kind == "bool" else {}
+        parser.add_argument(f"--{name}", metavar=kind.upper(), type=lambda s, n=name: coerce(n, s),
+                            help=f"(default: {getattr(defaults, name)!r})", **extra)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parsed, unknown = build_parser().parse_known_args(argv)
+    parse_overrides(unknown)  # raises a ConfigError that names the unknown key
+    args = vars(parsed)
+    preset = args.pop("config", None)
+    if preset is None:
+        import jax
+
+        preset = default_preset()
+        print(f"config: {preset} (default on {jax.default_backend()}; pass a config file to choose)")
+    else:
+        print(f"config: {preset}")
+    cfg = make_config(preset, **args)
+
+    from gpt_jax.training import train  # after argument checks: importing jax takes a second
+
+    result = train(cfg)
+    print(f"done: step {int(result.state.step)}, best val loss {result.best_val_loss:.4f}, "
+          f"checkpoints in {result.config.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, "train.py")
