@@ -18,7 +18,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from gpt_jax.config import Config, coerce, expand, validate
-from gpt_jax.errors import CheckpointError, GptJaxError
+from gpt_jax.errors import CheckpointError
 from gpt_jax.tokenizer import CharTokenizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -125,19 +125,17 @@ def load_checkpoint(out_dir: str | Path, step: int | None = None
         steps = [step] if step is not None else ckpt.steps()[::-1]
         if not steps:
             raise CheckpointError(f"no checkpoint steps in {ckpt.directory}; train first")
-        errors = []
         for s in steps:
             try:
                 cfg = config_from_metadata(ckpt.restore_metadata(s))
-                _, state, meta = ckpt.restore(abstract_state(cfg), step=s)
-                tokenizer = CharTokenizer.from_json(meta["tokenizer"])
-                return state.params, cfg, tokenizer, meta
-            except GptJaxError as e:
-                errors.append(f"step {s}: {e}")
-                warnings.warn(f"checkpoint step {s} is unusable ({e}); trying an older step",
-                              stacklevel=2)
-            except Exception as e:  # unreadable metadata
-                errors.append(f"step {s}: {type(e).__name__}")
-                warnings.warn(f"checkpoint step {s} metadata cannot be read ({type(e).__name__}); "
-                              "trying an older step", stacklevel=2)
-    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out_dir)}: {'; '.join(errors)}")
+            except Exception as e:  # unreadable or foreign metadata
+                warnings.warn(f"checkpoint step {s} in {ckpt.directory} has unusable metadata "
+                              f"({type(e).__name__}: {e}); trying an older step", stacklevel=2)
+                continue
+            try:
+                _, state, meta = ckpt.restore(abstract_state(cfg), step=s)  # warns if it fails
+            except CheckpointError:
+                continue
+            return state.params, cfg, CharTokenizer.from_json(meta["tokenizer"]), meta
+    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out_dir)} (steps {steps}); "
+                          "train again or restore the directory from a backup")

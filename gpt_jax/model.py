@@ -155,8 +155,13 @@ def build_model(cfg: Config) -> nn.Module:
 
 def init_params(cfg: Config, key: jax.Array) -> dict:
     """A fresh params pytree for ``cfg`` (float32)."""
-    tokens_1xT = jnp.zeros((1, cfg.block_size), dtype=jnp.int32)
-    return build_model(cfg).init({"params": key}, tokens_1xT)["params"]
+    return _init_params(build_model(cfg), key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(model: nn.Module, key: jax.Array) -> dict:
+    tokens_1xT = jnp.zeros((1, model.config.block_size), dtype=jnp.int32)
+    return model.init({"params": key}, tokens_1xT)["params"]
 
 
 def logits_fn(params: dict, cfg: Config, tokens_BxT: jax.Array,

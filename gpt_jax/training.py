@@ -72,7 +72,10 @@ def abstract_state(cfg: Config) -> TrainState:
 
 
 def dropout_key(cfg: Config, step: jax.Array) -> jax.Array:
-    return jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
+    """The dropout key of ``step``. XLA's own generator ("rbg") rather than threefry: the same bits
+    for the same key on the same backend, and several seconds less compile time per dropout model
+    on CPU."""
+    return jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), step)
 
 
 @functools.lru_cache(maxsize=8)

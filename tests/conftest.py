@@ -1,0 +1,59 @@
+"""Shared fixtures: the reference corpus, a tiny model config and a prepared Tiny Shakespeare."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_TEXT = Path(os.environ.get("GPT_JAX_TINYSHAKESPEARE",
+                                  ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.0,
+            max_iters=20, warmup_iters=2, lr_decay_iters=20, eval_interval=10, eval_iters=2,
+            log_interval=5, progress=False, learning_rate=3e-3, min_lr=3e-4)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_file() -> Path:
+    """The Tiny Shakespeare input.txt; CI must have it, elsewhere its absence skips the test."""
+    if not SHARED_TEXT.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED_TEXT} is missing; set GPT_JAX_TINYSHAKESPEARE to its path")
+        pytest.skip(f"{SHARED_TEXT} not found (set GPT_JAX_TINYSHAKESPEARE)")
+    return SHARED_TEXT
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One data directory per test session, so tfds prepares Tiny Shakespeare once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shakespeare_file, data_dir):
+    """Tiny Shakespeare through the tfds path, tokenised."""
+    from gpt_jax.config import make_config
+    from gpt_jax.data import load_data
+
+    return load_data(make_config(source_file=str(shakespeare_file), data_dir=str(data_dir)))
+
+
+@pytest.fixture
+def tiny_cfg(shakespeare_file, data_dir, tmp_path):
+    """A small GPT on Tiny Shakespeare, writing into this test's own out_dir."""
+    from gpt_jax.config import make_config
+
+    return make_config(source_file=str(shakespeare_file), data_dir=str(data_dir),
+                       out_dir=str(tmp_path / "out"), **TINY)
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 300):
+    """Run ``python script args`` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout)

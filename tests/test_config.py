@@ -1,0 +1,68 @@
+import dataclasses
+
+import pytest
+
+from gpt_jax.config import CONFIGS_DIR, Config, make_config, parse_overrides, read_preset
+from gpt_jax.errors import ConfigError
+
+
+def test_presets_hold_nanogpts_recipes():
+    gpu = make_config("shakespeare_char")
+    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.batch_size) == (6, 6, 384, 256, 64)
+    assert (gpu.dropout, gpu.learning_rate, gpu.max_iters, gpu.warmup_iters) == (0.2, 1e-3, 5000, 100)
+    assert (gpu.min_lr, gpu.beta2, gpu.eval_interval, gpu.eval_iters) == (1e-4, 0.99, 250, 200)
+    cpu = make_config("configs/shakespeare_char_cpu.py")
+    assert (cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.block_size, cpu.batch_size) == (4, 4, 128, 64, 12)
+    assert (cpu.max_iters, cpu.lr_decay_iters, cpu.dropout, cpu.eval_iters) == (2000, 2000, 0.0, 20)
+    course = make_config("course_gpt")
+    assert (course.n_layer, course.n_head, course.n_embd, course.block_size) == (4, 4, 384, 128)
+    assert (course.batch_size, course.dropout, course.learning_rate) == (32, 0.2, 3e-4)
+    assert course.norm_position == "post"
+    assert make_config("bigram").model == "bigram"
+
+
+def test_every_preset_is_valid():
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.py"))
+    assert {"bigram", "shakespeare_char", "shakespeare_char_cpu", "course_gpt"} <= set(names)
+    for name in names:
+        make_config(name)
+
+
+def test_overrides_are_typed():
+    values = parse_overrides(["--n_layer=3", "--bias=True", "--learning_rate=6e-4", "--dataset=x.txt"])
+    assert values == {"n_layer": 3, "bias": True, "learning_rate": 6e-4, "dataset": "x.txt"}
+    assert make_config("bigram", max_iters="7").max_iters == 7
+
+
+def test_config_is_frozen_and_hashable():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_layer = 1
+    assert hash(cfg) == hash(Config())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_embd": 100, "n_head": 3}, r"n_embd \(100\) must be divisible by n_head \(3\)"),
+    ({"learning_rate": -1.0}, "learning_rate must be a finite number >= 0"),
+    ({"n_layer": 0}, "n_layer must be positive"),
+    ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ({"norm_position": "middle"}, "norm_position must be one of pre, post"),
+    ({"min_lr": 1.0}, "min_lr .* must not exceed learning_rate"),
+    ({"batch_size": "many"}, "batch_size must be an integer"),
+    ({"bias": "maybe"}, "bias must be True or False"),
+    ({"n_layr": 2}, "unknown config key 'n_layr'; did you mean 'n_layer'"),
+])
+def test_impossible_values_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(**overrides)
+
+
+def test_preset_files_hold_only_assignments(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\n")
+    with pytest.raises(ConfigError, match="only `name = value` lines"):
+        read_preset(str(bad))
+    unknown = tmp_path / "unknown.py"
+    unknown.write_text("n_layers = 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'n_layers'"):
+        read_preset(str(unknown))

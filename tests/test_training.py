@@ -1,0 +1,122 @@
+import dataclasses
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax.checkpoint import Checkpointer
+from gpt_jax.errors import CheckpointError
+from gpt_jax.training import init_state, lr_schedule, make_optimizer, prepare, train
+
+
+def nanogpt_lr(it, cfg):
+    """nanoGPT's get_lr, transcribed as the reference."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def test_lr_schedule_is_nanogpts(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, warmup_iters=10, lr_decay_iters=100, learning_rate=1e-3,
+                              min_lr=1e-4)
+    schedule = lr_schedule(cfg)
+    for it in [0, 1, 5, 9, 10, 11, 50, 99, 100, 101, 500]:
+        assert float(schedule(it)) == pytest.approx(nanogpt_lr(it, cfg), rel=1e-5), it
+
+
+def test_weight_decay_applies_to_matrices_only(tiny_cfg):
+    cfg, _ = prepare(dataclasses.replace(tiny_cfg, bias=True, learning_rate=0.1, min_lr=0.0))
+    state = init_state(cfg)
+    zeros = jax.tree_util.tree_map(np.zeros_like, state.params)
+    updates, _ = jax.jit(make_optimizer(cfg).update)(zeros, state.opt_state, state.params)
+    # With zero gradients the only update is the decay, -lr * wd * p, on >= 2-D weights alone.
+    flat = jax.tree_util.tree_leaves_with_path(updates)
+    params = dict(jax.tree_util.tree_leaves_with_path(state.params))
+    for path, update in flat:
+        if params[path].ndim >= 2:
+            assert np.any(update != 0), path
+        else:
+            assert np.all(update == 0), path
+
+
+def test_loss_falls(tiny_cfg):
+    result = train(dataclasses.replace(tiny_cfg, max_iters=60, lr_decay_iters=60, eval_interval=30,
+                                       eval_iters=4))
+    evals = [r for r in result.history if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(65), abs=0.15)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.6
+
+
+def test_metrics_file(tiny_cfg):
+    result = train(tiny_cfg)
+    lines = [json.loads(line) for line in (tiny_cfg_out(tiny_cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    for record in lines:
+        assert {"step", "train_loss", "lr", "tokens_per_sec", "elapsed_s"} <= set(record)
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 10, 20]
+    assert [r["step"] for r in lines if "val_loss" not in r] == [5, 15]
+    assert all(r["tokens_per_sec"] > 0 for r in lines if r["step"] > 5)
+
+
+def tiny_cfg_out(cfg):
+    from gpt_jax.config import expand
+
+    return expand(cfg.out_dir)
+
+
+def test_checkpoints_follow_validation(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, keep_checkpoints=5, always_save_checkpoint=True)
+    train(cfg)
+    with Checkpointer(cfg.out_dir, read_only=True) as ckpt:
+        assert ckpt.steps() == [10, 20]
+        meta = ckpt.restore_metadata(20)
+    assert meta["config"]["n_layer"] == 2 and meta["config"]["vocab_size"] == 65
+    assert meta["tokenizer"]["kind"] == "char" and len(meta["tokenizer"]["chars"]) == 65
+    assert meta["metrics"]["step"] == 20 and "val_loss" in meta["metrics"]
+    assert set(meta["versions"]) >= {"jax", "flax", "optax", "orbax-checkpoint"}
+
+
+def test_only_improvements_are_saved_and_old_steps_pruned(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, max_iters=40, keep_checkpoints=2)
+    result = train(cfg)
+    saved = [r["step"] for r in result.history if r.get("checkpoint")]
+    vals = {r["step"]: r["val_loss"] for r in result.history if "val_loss" in r}
+    best = math.inf
+    for step in (10, 20, 30, 40):
+        assert (step in saved) == (vals[step] < best)
+        best = min(best, vals[step])
+    with Checkpointer(cfg.out_dir, read_only=True) as ckpt:
+        assert ckpt.steps() == saved[-2:]
+
+
+def test_resume_gives_the_same_parameters(tiny_cfg, tmp_path):
+    """N steps straight equal N/2 steps, a restart from the checkpoint, and N/2 more: bitwise."""
+    base = dataclasses.replace(tiny_cfg, dropout=0.1, max_iters=20, lr_decay_iters=20, eval_interval=5,
+                               always_save_checkpoint=True)
+    straight = train(dataclasses.replace(base, out_dir=str(tmp_path / "straight")))
+    half = dataclasses.replace(base, out_dir=str(tmp_path / "halves"), max_iters=10)
+    train(half)
+    resumed = train(dataclasses.replace(half, max_iters=20, init_from="resume"))
+    assert int(resumed.state.step) == 20
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    losses = lambda r: [(x["step"], x["train_loss"]) for x in r.history]  # noqa: E731
+    assert losses(straight) == losses(resumed)
+
+
+def test_scratch_run_refuses_a_directory_with_checkpoints(tiny_cfg):
+    train(tiny_cfg)
+    with pytest.raises(CheckpointError, match="already holds checkpoints .* --init_from=resume"):
+        train(tiny_cfg)
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tiny_cfg):
+    with pytest.raises(CheckpointError, match="no checkpoint steps"):
+        train(dataclasses.replace(tiny_cfg, init_from="resume"))
