@@ -252,10 +252,12 @@ class _Loop:
 
     def _eval(self, state: TrainState, step: int, record: dict, save: bool) -> None:
         losses = evaluate(state.params, self.cfg, self.data)
-        record = {**record, "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                  "batch_loss": record.get("train_loss"), "elapsed_s": time.perf_counter() - self.start}
-        record.setdefault("lr", float(lr_schedule(self.cfg)(max(step - 1, 0))))
-        record.setdefault("tokens_per_sec", 0.0)
+        if record:  # the log record of this step: its batch loss moves aside for the estimates
+            record = {**record, "batch_loss": record["train_loss"]}
+        else:  # before the first update
+            record = {"step": step, "lr": float(lr_schedule(self.cfg)(step)), "tokens_per_sec": 0.0}
+        record.update(train_loss=losses["train"], val_loss=losses["val"],
+                      elapsed_s=time.perf_counter() - self.start)
         improved = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
         self.log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
