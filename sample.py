@@ -1,13 +1,24 @@
-"""Sample from a trained model: ``python sample.py --out_dir=DIR [--start=TEXT|FILE:path] ...``."""
+"""Sample from a trained model: ``python sample.py --out_dir=DIR [--start=TEXT|FILE:path] ...``.
+
+``--interactive`` is the course's chat loop: type a prompt, get its completion, until ``/quit`` or the
+end of input. Generation runs with a KV cache as one compiled call, compiled once for every prompt.
+"""
 
 from __future__ import annotations
 
+import codecs
 import sys
 import time
 from pathlib import Path
 
+import jax
+
 from gpt_jax import cli
-from gpt_jax.errors import ConfigError
+from gpt_jax.checkpoint import load_checkpoint
+from gpt_jax.errors import ConfigError, GptJaxError
+from gpt_jax.sampling import Generator, make_settings
+
+SEPARATOR = "---------------"
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -21,7 +32,18 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8,
                    help="softmax temperature; 0 is greedy (default: 0.8)")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (default: off)")
+    p.add_argument("--top_p", type=float, default=None,
+                   help="nucleus sampling: keep the most likely tokens up to this mass (default: off)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="end a sample where it produces this text; backslash escapes such as \\n are "
+                        "understood; may be repeated (default: none)")
+    p.add_argument("--stream", action=cli.argparse.BooleanOptionalAction, default=None,
+                   help="print characters as they are produced (default: on for one sample on a terminal)")
+    p.add_argument("--interactive", action="store_true",
+                   help="chat loop: read prompts from standard input until /quit (default: off)")
+    p.add_argument("--window_keep", type=int, default=None,
+                   help="tokens kept when the context window is full; block_size reproduces nanoGPT's "
+                        "sliding crop (default: block_size // 2)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     return p
@@ -41,28 +63,128 @@ def read_prompt(start: str) -> str:
         raise ConfigError(f"cannot read prompt file {path}: {e.strerror}") from None
 
 
+def parse_stop(text: str) -> str:
+    try:
+        stop = codecs.decode(text, "unicode_escape")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--stop={text!r} has a broken backslash escape") from None
+    if not stop:
+        raise ConfigError("--stop is empty; give the text that ends a sample, e.g. --stop='\\n\\n'")
+    return stop
+
+
+class StreamPrinter:
+    """Prints sample 0 as it is produced, holding back text that may be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.pending, self.printed = "", ""
+
+    def start(self, prompt: str) -> None:
+        self.pending = self.printed = ""
+        self._write(prompt)
+
+    def on_token(self, step: int, tokens_B, done_B) -> None:
+        if done_B[0]:
+            return
+        self.pending += self.tokenizer.decode(tokens_B[:1])
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
+                   default=0)
+        if any(s in self.pending for s in self.stops):
+            return  # the stop is reached; the final text comes from the result
+        self._write(self.pending[:len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold:]
+
+    def finish(self, text: str) -> None:
+        """Print what remains of the final ``text`` (the authoritative result)."""
+        self._write(text[len(self.printed):])
+
+    def _write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.printed += text
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    prompt = read_prompt(args.start)
+    stops = [parse_stop(s) for s in args.stop]
+    prompt = None if args.interactive else read_prompt(args.start)
+    stream = args.stream if args.stream is not None else args.num_samples == 1 and sys.stdout.isatty()
+    if stream and args.num_samples != 1:
+        raise ConfigError("--stream prints one sample; use --num_samples=1")
 
-    import jax
-
-    from gpt_jax.checkpoint import load_checkpoint
-    from gpt_jax.sampling import generate
-
-    params, cfg, tokenizer, meta = load_checkpoint(args.out_dir, args.step)
-    prompt_tokens = tokenizer.encode(prompt)
+    params, cfg, tokenizer, _ = load_checkpoint(args.out_dir, args.step)
+    settings = make_settings(
+        cfg, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        stops=[tokenizer.encode(s) for s in stops], window_keep=args.window_keep, stream=stream)
+    printer = StreamPrinter(tokenizer, stops) if stream else None
+    generator = Generator(cfg, settings, on_token=printer.on_token if printer else None)
     t0 = time.perf_counter()
-    tokens = generate(params, cfg, prompt_tokens, jax.random.PRNGKey(args.seed), args.max_new_tokens,
-                      args.temperature, args.top_k, args.top_p, args.num_samples)
-    seconds = time.perf_counter() - t0
-    for row in tokens:
-        print(prompt + tokenizer.decode(row))
-        print("---------------")
-    n = tokens.size
-    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.0f} tokens/s, compile included)",
-          file=sys.stderr)
+    generator.prepare(params, warm_up=True)
+    compile_s = time.perf_counter() - t0
+
+    session = Session(generator, params, tokenizer, jax.random.PRNGKey(args.seed), printer)
+    if args.interactive:
+        session.chat()
+    else:
+        session.answer(prompt, fail=True)
+    tokens, seconds = session.tokens, session.seconds
+    print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s; "
+          f"compile and warm-up {compile_s:.1f} s excluded)", file=sys.stderr)
     return 0
+
+
+class Session:
+    """Prompts in, completions out, through one compiled generator; counts tokens and time."""
+
+    def __init__(self, generator, params, tokenizer, key, printer: StreamPrinter | None):
+        self.generator, self.params, self.tokenizer = generator, params, tokenizer
+        self.key, self.printer = key, printer
+        self.tokens, self.seconds, self.calls = 0, 0.0, 0
+
+    def answer(self, prompt: str, fail: bool) -> None:
+        """Print the completion(s) of ``prompt``; a bad prompt raises (``fail``) or is reported."""
+        try:
+            tokens = self.tokenizer.encode(prompt)
+            cropped = self.generator.crop(tokens)
+        except GptJaxError as e:
+            if fail:
+                raise
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return
+        if cropped.size < tokens.size:
+            print(f"note: the prompt has {tokens.size} tokens; keeping its last {cropped.size} "
+                  "(block_size)", file=sys.stderr)
+        if self.printer is not None:
+            self.printer.start(prompt)
+        t0 = time.perf_counter()
+        result = self.generator(self.params, cropped, jax.random.fold_in(self.key, self.calls))
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.tokens += result.steps * len(result.tokens)
+        texts = [prompt + self.tokenizer.decode(t) for t in result.tokens]
+        if self.printer is not None:
+            self.printer.finish(texts[0])
+            print(f"\n{SEPARATOR}", flush=True)
+            return
+        for text in texts:
+            print(text)
+            print(SEPARATOR, flush=True)
+
+    def chat(self) -> None:
+        """The course's chatbot: a prompt per line until /quit or the end of input."""
+        prompt_mark = "> " if sys.stdin.isatty() else ""
+        while True:
+            try:
+                line = input(prompt_mark)
+            except EOFError:
+                break
+            if line.strip() == "/quit":
+                break
+            if line:
+                self.answer(line, fail=False)
 
 
 if __name__ == "__main__":

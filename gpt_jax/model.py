@@ -48,30 +48,56 @@ class Bigram(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, tokens_BxT: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens_BxT: jax.Array, *, deterministic: bool = True, cache: dict | None = None):
         V = self.config.vocab_size
         table_VxV = self.param("table", _normal(), (V, V))
-        return _embed(table_VxV, tokens_BxT)
+        logits_BxTxV = _embed(table_VxV, tokens_BxT)
+        if cache is None:
+            return logits_BxTxV
+        return logits_BxTxV, {**cache, "pos": cache["pos"] + tokens_BxT.shape[1]}
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused qkv projection.
+
+    With a layer cache ({"k", "v"}: [B, H, W, K], W = block_size) the T new tokens sit at positions
+    ``pos .. pos + T - 1``: their keys and values are written into the cache and the queries attend
+    to every cached position up to their own. Without one, the T tokens attend among themselves.
+    """
+
     config: Config
 
     @nn.compact
-    def __call__(self, x_NxD: jax.Array, T: int, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x_NxD: jax.Array, T: int, *, deterministic: bool, layer_cache: dict | None = None,
+                 pos: jax.Array | None = None):
         cfg = self.config
         N, D = x_NxD.shape
         B, H, K = N // T, cfg.n_head, cfg.head_dim
         qkv_Nx3D = nn.Dense(3 * D, use_bias=cfg.bias, kernel_init=_normal(), name="c_attn")(x_NxD)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_Nx3D.reshape(B, T, 3 * H, K), 3, axis=2)
-        scores_BxHxTxT = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxTxHxK) / math.sqrt(K)
-        causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-        scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT.astype(jnp.float32), -jnp.inf)
-        probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(x_NxD.dtype)
-        probs_BxHxTxT = nn.Dropout(cfg.dropout)(probs_BxHxTxT, deterministic=deterministic)
-        y_BxTxHxK = jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxT, v_BxTxHxK)
+        if layer_cache is None:
+            scores_BxHxTxS = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxTxHxK)
+            values, values_spec = v_BxTxHxK, "bhqt,bthk->bqhk"
+            visible_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
+        else:
+            # The cache is kept as [B, H, W, K], the layout of the attention products: a step then
+            # transposes only its own T new rows, never the whole cache.
+            def write(entries_BxHxWxK, new_BxTxHxK):
+                return jax.lax.dynamic_update_slice_in_dim(
+                    entries_BxHxWxK, new_BxTxHxK.transpose(0, 2, 1, 3), pos, axis=2)
+
+            layer_cache = {"k": write(layer_cache["k"], k_BxTxHxK), "v": write(layer_cache["v"], v_BxTxHxK)}
+            scores_BxHxTxS = jnp.einsum("bqhk,bhtk->bhqt", q_BxTxHxK, layer_cache["k"])
+            values, values_spec = layer_cache["v"], "bhqt,bhtk->bqhk"
+            S = layer_cache["k"].shape[2]
+            visible_TxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
+        scores_BxHxTxS = scores_BxHxTxS / math.sqrt(K)
+        scores_BxHxTxS = jnp.where(visible_TxS, scores_BxHxTxS.astype(jnp.float32), -jnp.inf)
+        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(x_NxD.dtype)
+        probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=deterministic)
+        y_BxTxHxK = jnp.einsum(values_spec, probs_BxHxTxS, values)
         y_NxD = _residual_proj(cfg, D, "c_proj")(y_BxTxHxK.reshape(N, D))
-        return nn.Dropout(cfg.dropout)(y_NxD, deterministic=deterministic)
+        return nn.Dropout(cfg.dropout)(y_NxD, deterministic=deterministic), layer_cache
 
 
 def _residual_proj(cfg: Config, features: int, name: str) -> nn.Dense:
@@ -103,47 +129,66 @@ class Block(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_NxD: jax.Array, T: int, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x_NxD: jax.Array, T: int, *, deterministic: bool, layer_cache: dict | None = None,
+                 pos: jax.Array | None = None):
         cfg = self.config
         attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
         ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
         if cfg.norm_position == "pre":
-            x_NxD = x_NxD + attn(ln_1(x_NxD), T, deterministic=deterministic)
-            return x_NxD + mlp(ln_2(x_NxD), deterministic=deterministic)
-        x_NxD = ln_1(x_NxD + attn(x_NxD, T, deterministic=deterministic))
-        return ln_2(x_NxD + mlp(x_NxD, deterministic=deterministic))
+            a_NxD, layer_cache = attn(ln_1(x_NxD), T, deterministic=deterministic,
+                                      layer_cache=layer_cache, pos=pos)
+            x_NxD = x_NxD + a_NxD
+            return x_NxD + mlp(ln_2(x_NxD), deterministic=deterministic), layer_cache
+        a_NxD, layer_cache = attn(x_NxD, T, deterministic=deterministic, layer_cache=layer_cache, pos=pos)
+        x_NxD = ln_1(x_NxD + a_NxD)
+        return ln_2(x_NxD + mlp(x_NxD, deterministic=deterministic)), layer_cache
 
 
-def sinusoidal_positions(T: int, D: int) -> jax.Array:
+def sinusoidal_positions(positions_T: jax.Array, D: int) -> jax.Array:
     """The fixed encoding of "Attention Is All You Need": [T, D], sin on even, cos on odd features."""
-    pos_Tx1 = jnp.arange(T, dtype=jnp.float32)[:, None]
     freq_half = jnp.exp(-math.log(10000.0) * jnp.arange(0, D, 2, dtype=jnp.float32) / D)
-    angles_TxHalf = pos_Tx1 * freq_half
+    angles_TxHalf = positions_T.astype(jnp.float32)[:, None] * freq_half
+    T = positions_T.shape[0]
     return jnp.stack([jnp.sin(angles_TxHalf), jnp.cos(angles_TxHalf)], axis=-1).reshape(T, D)
 
 
 class GPT(nn.Module):
+    """Token embedding + positions, ``n_layer`` blocks, final layer norm, output layer.
+
+    ``cache=None``: logits [B, T, V] for tokens at positions 0..T-1. With a cache (``init_cache``),
+    the tokens continue it at positions ``cache["pos"]..`` and (logits, new cache) is returned.
+    """
+
     config: Config
 
     @nn.compact
-    def __call__(self, tokens_BxT: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens_BxT: jax.Array, *, deterministic: bool = True, cache: dict | None = None):
         cfg = self.config
         (B, T), D, V = tokens_BxT.shape, cfg.n_embd, cfg.vocab_size
+        pos = 0 if cache is None else cache["pos"]
         wte_VxD = self.param("wte", _normal(), (V, D))
         if cfg.pos_encoding == "learned":
-            pos_TxD = self.param("wpe", _normal(), (cfg.block_size, D))[:T]
+            wpe_WxD = self.param("wpe", _normal(), (cfg.block_size, D))
+            pos_TxD = wpe_WxD[:T] if cache is None else jax.lax.dynamic_slice_in_dim(wpe_WxD, pos, T)
         else:
-            pos_TxD = sinusoidal_positions(T, D)
+            pos_TxD = sinusoidal_positions(pos + jnp.arange(T), D)
         x_BxTxD = _embed(wte_VxD, tokens_BxT) + pos_TxD
         x_NxD = nn.Dropout(cfg.dropout)(x_BxTxD.reshape(B * T, D), deterministic=deterministic)
+        layers = []
         for i in range(cfg.n_layer):
-            x_NxD = Block(cfg, name=f"h_{i}")(x_NxD, T, deterministic=deterministic)
+            layer_cache = None if cache is None else cache["layers"][i]
+            x_NxD, layer_cache = Block(cfg, name=f"h_{i}")(x_NxD, T, deterministic=deterministic,
+                                                           layer_cache=layer_cache, pos=pos)
+            layers.append(layer_cache)
         x_NxD = _layer_norm(cfg, "ln_f")(x_NxD)
         if cfg.tie_embeddings:
             logits_NxV = x_NxD @ wte_VxD.T
         else:
             logits_NxV = nn.Dense(V, use_bias=False, kernel_init=_normal(), name="lm_head")(x_NxD)
-        return logits_NxV.reshape(B, T, V)
+        logits_BxTxV = logits_NxV.reshape(B, T, V)
+        if cache is None:
+            return logits_BxTxV
+        return logits_BxTxV, {"pos": pos + T, "layers": tuple(layers)}
 
 
 @functools.lru_cache(maxsize=32)
@@ -172,6 +217,24 @@ def logits_fn(params: dict, cfg: Config, tokens_BxT: jax.Array,
     train = dropout_key is not None and cfg.dropout > 0
     rngs = {"dropout": dropout_key} if train else {}
     return build_model(cfg).apply({"params": params}, tokens_BxT, deterministic=not train, rngs=rngs)
+
+
+def init_cache(cfg: Config, batch_size: int, dtype: jnp.dtype = jnp.float32) -> dict:
+    """An empty KV cache: {"pos": 0, "layers": ({"k", "v"}: [B, H, block_size, K]) * n_layer}."""
+    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_dim)
+    layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                   for _ in range(cfg.n_layer if cfg.model == "gpt" else 0))
+    return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+def cached_logits_fn(params: dict, cfg: Config, tokens_BxT: jax.Array, cache: dict
+                     ) -> tuple[jax.Array, dict]:
+    """Logits [B, T, V] of ``tokens`` continuing ``cache``, and the cache with them appended.
+
+    The caller keeps ``cache["pos"] + T <= block_size``; positions past the cache are not checked
+    inside a compiled loop.
+    """
+    return build_model(cfg).apply({"params": params}, tokens_BxT, deterministic=True, cache=cache)
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ from gpt_jax.config import Config, expand, validate
 from gpt_jax.data import TokenData, get_batch, load_data
 from gpt_jax.errors import CheckpointError, ConfigError
 from gpt_jax.model import init_params, loss_fn
+from gpt_jax.xla_options import compiler_options
 
 
 class TrainState(NamedTuple):
@@ -78,13 +79,6 @@ def dropout_key(cfg: Config, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), step)
 
 
-def cpu_compiler_options() -> dict[str, str] | None:
-    """XLA options for our steps on CPU: matrix products through XLA's Eigen path rather than its
-    YNNPACK fusions, about 10% faster for a GPT train step on a 2-core x86 machine
-    (benchmarks/cpu_speed.py). Nothing changes on other backends."""
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else None
-
-
 @functools.lru_cache(maxsize=8)
 def make_train_step(cfg: Config) -> Callable:
     """``train_step(state, x_BxT, y_BxT) -> (state, metrics)``, compiled once, state donated."""
@@ -99,7 +93,7 @@ def make_train_step(cfg: Config) -> Callable:
         metrics = {"loss": loss, "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0, compiler_options=cpu_compiler_options())
+    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options())
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,7 +104,7 @@ def make_eval_step(cfg: Config) -> Callable:
         losses_N = jax.lax.map(lambda xy: loss_fn(params, cfg, *xy), (xs_NxBxT, ys_NxBxT))
         return jnp.mean(losses_N)
 
-    return jax.jit(eval_step, compiler_options=cpu_compiler_options())
+    return jax.jit(eval_step, compiler_options=compiler_options())
 
 
 def eval_batches(data: TokenData, split: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
