@@ -3,23 +3,32 @@
 The names a notebook needs::
 
     params, cfg, tok, meta = gpt_jax.load_checkpoint("out-shakespeare-char-cpu")
-    tokens = gpt_jax.generate(params, cfg, tok.encode("ROMEO:"), jax.random.PRNGKey(0), 200)
-    print(tok.decode(tokens[0]))
+    out = gpt_jax.generate(params, cfg, tok.encode("ROMEO:"), jax.random.PRNGKey(0), 200)
+    print(tok.decode(out.tokens[0]))
 """
 
 from gpt_jax.checkpoint import Checkpointer, load_checkpoint
 from gpt_jax.config import Config, make_config
 from gpt_jax.data import TokenData, get_batch, load_data
 from gpt_jax.errors import CheckpointError, ConfigError, DataError, GptJaxError, TokenizerError
-from gpt_jax.model import count_params, cross_entropy, init_params, logits_fn, loss_fn
-from gpt_jax.sampling import generate, sample_logits
+from gpt_jax.model import (
+    cached_logits_fn,
+    count_params,
+    cross_entropy,
+    init_cache,
+    init_params,
+    logits_fn,
+    loss_fn,
+)
+from gpt_jax.sampling import Generation, Generator, generate, generate_reference, sample_logits
 from gpt_jax.tokenizer import CharTokenizer
 from gpt_jax.training import TrainResult, TrainState, evaluate, init_state, make_train_step, prepare, train
 
 __all__ = [
     "CharTokenizer", "CheckpointError", "Checkpointer", "Config", "ConfigError", "DataError",
-    "GptJaxError", "TokenData", "TokenizerError", "TrainResult", "TrainState", "count_params",
-    "cross_entropy", "evaluate", "generate", "get_batch", "init_params", "init_state", "load_checkpoint",
+    "Generation", "Generator", "GptJaxError", "TokenData", "TokenizerError", "TrainResult",
+    "TrainState", "cached_logits_fn", "count_params", "cross_entropy", "evaluate", "generate",
+    "generate_reference", "get_batch", "init_cache", "init_params", "init_state", "load_checkpoint",
     "load_data", "logits_fn", "loss_fn", "make_config", "make_train_step", "prepare", "sample_logits",
     "train",
 ]

@@ -47,6 +47,49 @@ def test_sample_prints_samples_and_speed(trained_dir, tmp_path):
     assert again.returncode == 0 and again.stdout.startswith("JULIET:")
 
 
+def test_streaming_prints_what_batch_mode_prints(trained_dir):
+    out, _ = trained_dir
+    common = [f"--out_dir={out}", "--start=ROMEO:", "--max_new_tokens=40", "--seed=3"]
+    plain = run_script("sample.py", *common)
+    streamed = run_script("sample.py", *common, "--stream")
+    assert plain.returncode == streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout
+
+
+def test_stop_string_ends_the_sample(trained_dir):
+    out, _ = trained_dir
+    common = [f"--out_dir={out}", "--start=ROMEO:", "--max_new_tokens=60", "--seed=3"]
+    full = run_script("sample.py", *common).stdout.split("\n---------------")[0]
+    stop = full[len("ROMEO:") + 10:][:2]  # two characters the sample produces
+    for flag in ([], ["--stream"]):
+        cut = run_script("sample.py", *common, f"--stop={stop}", *flag)
+        assert cut.returncode == 0, cut.stderr
+        text = cut.stdout.split("\n---------------")[0]
+        assert text == "ROMEO:" + full[len("ROMEO:"):].split(stop)[0]
+
+
+def test_interactive_chat_loop(trained_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out, _ = trained_dir
+    lines = "First\nBad€\n" + "x" * 40 + "\nSecond\n/quit\nNever\n"
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}", "--interactive",
+                             "--max_new_tokens=12", "--temperature=0"], input=lines, text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    answers = result.stdout.split("---------------\n")
+    # each answer is the prompt, then its completion
+    assert [a.startswith(p) for a, p in zip(answers[:3], ["First", "x" * 40, "Second"], strict=True)] == [
+        True] * 3
+    assert len(answers) == 4 and answers[3] == ""
+    assert "error: text has characters outside the vocabulary: '€'" in result.stderr
+    assert "note: the prompt has 40 tokens; keeping its last 16 (block_size)" in result.stderr
+    assert "36 tokens in" in result.stderr
+
+
 def test_help_lists_every_option_with_its_default():
     result = run_script("train.py", "--help")
     assert result.returncode == 0
@@ -55,7 +98,7 @@ def test_help_lists_every_option_with_its_default():
     assert result.stdout.count("(default:") >= len(FIELDS)
     sample = run_script("sample.py", "--help")
     for option in ("--out_dir", "--start", "--num_samples", "--max_new_tokens", "--temperature",
-                   "--top_k", "--top_p", "--seed"):
+                   "--top_k", "--top_p", "--seed", "--stop", "--stream", "--interactive", "--window_keep"):
         assert option in sample.stdout
 
 
@@ -96,6 +139,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     (["--top_k=0"], "top_k must be in [1, 65]"),
     (["--top_p=2"], "top_p must be in (0, 1]"),
     (["--start="], "the prompt is empty"),
+    (["--stop="], "--stop is empty"),
+    (["--stream", "--num_samples=2"], "--stream prints one sample"),
+    (["--window_keep=0"], "window_keep must be in [1, block_size=16]"),
 ])
 def test_bad_sampling_inputs(trained_dir, args, message):
     out, _ = trained_dir
