@@ -160,8 +160,8 @@ def _recompute(cfg: Config, keep: int):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cached", "emit"))
-def _generate(params, cfg: Config, buf_BxL: jax.Array, prompt_len: jax.Array, key: jax.Array,
-              settings: Settings, cached: bool, emit: Callable | None = None):
+def _generate(params, buf_BxL: jax.Array, prompt_len: jax.Array, key: jax.Array, *, cfg: Config,
+              settings: Settings, cached: bool, emit: Callable | None):
     """The whole generation as one compiled call; returns (buf, logprobs, lengths, steps)."""
     s = settings
     B, N = buf_BxL.shape[0], s.max_new_tokens
@@ -227,30 +227,29 @@ class Generator:
             raise ConfigError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
         return prompt_P[-self.cfg.block_size:]
 
-    def _args(self, params, prompt_tokens, key):
+    def _inputs(self, params, prompt_tokens, key) -> tuple:
+        """The compiled loop's arguments: params, the token buffer [B, W + N], prompt length, key."""
         s, W = self.settings, self.cfg.block_size
         prompt_P = self.crop(prompt_tokens)
         buf_BxL = np.zeros((s.num_samples, W + s.max_new_tokens), np.int32)
         buf_BxL[:, :prompt_P.size] = prompt_P
-        return (params, self.cfg, jnp.asarray(buf_BxL), jnp.asarray(prompt_P.size, jnp.int32), key,
-                self.settings, self.cached, self._emit)
+        return params, jnp.asarray(buf_BxL), jnp.asarray(prompt_P.size, jnp.int32), key
 
     def prepare(self, params, prompt_tokens=(0,), key: jax.Array | None = None, warm_up: bool = False
                 ) -> None:
         """Compile (once); ``warm_up`` also runs the executable once without streaming, so that a
         caller timing later calls measures generation alone."""
         if self._compiled is None:
-            key = jax.random.PRNGKey(0) if key is None else key
-            args = self._args(params, prompt_tokens, key)
-            self._compiled = _generate.lower(*args).compile()
+            inputs = self._inputs(params, prompt_tokens, jax.random.PRNGKey(0) if key is None else key)
+            self._compiled = _generate.lower(*inputs, cfg=self.cfg, settings=self.settings,
+                                             cached=self.cached, emit=self._emit).compile()
             if warm_up and self._emit is None:
-                jax.block_until_ready(self._compiled(args[0], args[2], args[3], args[4]))
+                jax.block_until_ready(self._compiled(*inputs))
 
     def __call__(self, params, prompt_tokens, key: jax.Array) -> Generation:
         self.prepare(params, prompt_tokens, key)
-        args = self._args(params, prompt_tokens, key)
-        dynamic = (args[0], args[2], args[3], args[4])  # static arguments are baked into the compile
-        new_BxN, logprobs_BxN, lengths_B, steps = jax.device_get(self._compiled(*dynamic))
+        outputs = self._compiled(*self._inputs(params, prompt_tokens, key))
+        new_BxN, logprobs_BxN, lengths_B, steps = jax.device_get(outputs)
         return Generation([row[:n] for row, n in zip(new_BxN, lengths_B, strict=True)],
                           [row[:n] for row, n in zip(logprobs_BxN, lengths_B, strict=True)], int(steps))
 
