@@ -90,7 +90,7 @@ def load_data(cfg: Config) -> TokenData:
 def _describe_source(cfg: Config) -> tuple[str, dict]:
     """A readable name of the source and a JSON description that changes when its content does."""
     if cfg.dataset in TFDS_DATASETS:
-        return cfg.dataset, {"tfds": cfg.dataset, "version": TinyShakespeareVersion}
+        return cfg.dataset, {"tfds": cfg.dataset, "version": TINY_SHAKESPEARE_VERSION}
     path = expand(cfg.dataset)
     if not path.exists():
         raise DataError(
@@ -164,7 +164,7 @@ TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TinyShakespeareVersion = "1.0.0"
+TINY_SHAKESPEARE_VERSION = "1.0.0"
 TFDS_DATASETS = ("tiny_shakespeare",)
 _MANUAL_NAMES = ("input.txt", "tinyshakespeare.txt")
 
@@ -205,7 +205,7 @@ def _tiny_shakespeare_builder() -> type:
     class TinyShakespeareText(tfds.core.GeneratorBasedBuilder):
         """Tiny Shakespeare as one text example per split (90/5/5 by characters), TF-free."""
 
-        VERSION = tfds.core.Version(TinyShakespeareVersion)
+        VERSION = tfds.core.Version(TINY_SHAKESPEARE_VERSION)
         MANUAL_DOWNLOAD_INSTRUCTIONS = "Place the char-rnn input.txt in the manual directory."
 
         def __init__(self, *, source_file: str | None = None, **kwargs):
