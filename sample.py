@@ -6,6 +6,7 @@ end of input. Generation runs with a KV cache as one compiled call, compiled onc
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import sys
 import time
@@ -37,7 +38,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--stop", action="append", default=[],
                    help="end a sample where it produces this text; backslash escapes such as \\n are "
                         "understood; may be repeated (default: none)")
-    p.add_argument("--stream", action=cli.argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print characters as they are produced (default: on for one sample on a terminal)")
     p.add_argument("--interactive", action="store_true",
                    help="chat loop: read prompts from standard input until /quit (default: off)")

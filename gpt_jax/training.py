@@ -120,11 +120,14 @@ def eval_batches(data: TokenData, split: str, cfg: Config) -> tuple[np.ndarray, 
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def evaluate(params: Any, cfg: Config, data: TokenData) -> dict[str, float]:
-    """Mean loss over ``eval_iters`` batches of each split (the course's ``estimate_loss``)."""
+def evaluate(params: Any, cfg: Config, data: TokenData, batches: dict | None = None) -> dict[str, float]:
+    """Mean loss over ``eval_iters`` batches of each split (the course's ``estimate_loss``).
+
+    ``batches`` ({split: (xs, ys)} from ``eval_batches``) saves rebuilding them at every call.
+    """
     eval_step = make_eval_step(cfg)
-    return {split: float(eval_step(params, *eval_batches(data, split, cfg)))
-            for split in ("train", "val")}
+    batches = batches or {split: eval_batches(data, split, cfg) for split in ("train", "val")}
+    return {split: float(eval_step(params, *xy)) for split, xy in batches.items()}
 
 
 @dataclasses.dataclass
@@ -205,6 +208,7 @@ class _Loop:
         self.cfg, self.data, self.ckpt, self.metrics, self.log = cfg, data, ckpt, metrics, log
         self.best_val = best_val
         self.train_step = make_train_step(cfg)
+        self.eval_data = {split: eval_batches(data, split, cfg) for split in ("train", "val")}
         self.tokens_per_step = cfg.batch_size * cfg.block_size
         self.start = time.perf_counter()
 
@@ -245,7 +249,7 @@ class _Loop:
                 "elapsed_s": time.perf_counter() - self.start}
 
     def _eval(self, state: TrainState, step: int, record: dict, save: bool) -> None:
-        losses = evaluate(state.params, self.cfg, self.data)
+        losses = evaluate(state.params, self.cfg, self.data, self.eval_data)
         if record:  # the log record of this step: its batch loss moves aside for the estimates
             record = {**record, "batch_loss": record["train_loss"]}
         else:  # before the first update
