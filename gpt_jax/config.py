@@ -37,13 +37,19 @@ class Config:
     pos_encoding: str = "learned"  # "learned" (GPT-2, the course) or "sinusoidal" (the paper)
     norm_position: str = "pre"  # "pre" (GPT-2, nanoGPT) or "post" (the course's Block)
     tie_embeddings: bool = True
+    # how the model is computed (none of these changes the function it computes)
+    dtype: str = "auto"  # compute dtype: "auto" (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16
+    attention: str = "auto"  # "auto", "xla", "cudnn" (NVIDIA flash attention) or "pallas" (TPU kernel)
+    remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
+    scan_layers: bool = False  # one lax.scan over stacked layers (compile time of deep models)
     # data
     dataset: str = "tiny_shakespeare"  # "tiny_shakespeare" or a path to a .txt file or folder
     data_dir: str = "~/.cache/gpt_jax"  # tfds data and token caches
     source_file: str = ""  # a local copy of a tfds dataset's download (offline use)
     val_fraction: float = 0.1  # last fraction of a local corpus used for validation
     # optimisation
-    batch_size: int = 64
+    batch_size: int = 64  # sequences per micro-batch over all devices
+    gradient_accumulation_steps: int = 1  # micro-batches summed into one update
     learning_rate: float = 1e-3
     max_iters: int = 5000
     warmup_iters: int = 100
@@ -64,6 +70,9 @@ class Config:
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm progress bar
     seed: int = 1337
+    # devices and hosts
+    fsdp: bool = False  # shard parameters and optimizer state over the devices, not only the batch
+    distributed: bool = False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
 
     @property
     def head_dim(self) -> int:
@@ -84,9 +93,12 @@ _CHOICES = {
     "pos_encoding": ("learned", "sinusoidal"),
     "norm_position": ("pre", "post"),
     "init_from": ("scratch", "resume"),
+    "dtype": ("auto", "float32", "bfloat16"),
+    "attention": ("auto", "xla", "cudnn", "pallas"),
 }
 _POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
-             "eval_interval", "eval_iters", "log_interval", "keep_checkpoints")
+             "eval_interval", "eval_iters", "log_interval", "keep_checkpoints",
+             "gradient_accumulation_steps")
 _NON_NEGATIVE = ("vocab_size", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
                  "weight_decay", "grad_clip")
 

@@ -33,7 +33,7 @@ from jax.experimental import io_callback
 
 from gpt_jax.config import Config
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import cached_logits_fn, init_cache, logits_fn
+from gpt_jax.model import cached_logits_fn, for_decoding, init_cache, logits_fn
 
 
 class Generation(NamedTuple):
@@ -165,6 +165,8 @@ def _generate(params, buf_BxL: jax.Array, prompt_len: jax.Array, key: jax.Array,
     """The whole generation as one compiled call; returns (buf, logprobs, lengths, steps)."""
     s = settings
     B, N = buf_BxL.shape[0], s.max_new_tokens
+    if cached:  # scanned layers are unstacked once here, not at every step of the loop
+        params, cfg = for_decoding(params, cfg)
     start, advance = (_cached if cached else _recompute)(cfg, s.window_keep)
     logits_BxV, ctx = start(params, buf_BxL, prompt_len)
 
