@@ -33,20 +33,26 @@ def main(argv: list[str]) -> int:
     parse_overrides(unknown)  # raises a ConfigError that names the unknown key
     args = vars(parsed)
     preset = args.pop("config", None)
-    if preset is None:
+    cfg = make_config(preset, **args) if preset else None
+    # The multi-process runtime must start before anything touches a JAX backend.
+    from gpt_jax.sharding import initialize_distributed, is_primary
+
+    initialize_distributed(cfg.distributed if cfg else args.get("distributed", False))
+    say = print if is_primary() else (lambda *a: None)
+    if cfg is None:
         import jax
 
         preset = default_preset()
-        print(f"config: {preset} (default on {jax.default_backend()}; pass a config file to choose)")
+        say(f"config: {preset} (default on {jax.default_backend()}; pass a config file to choose)")
+        cfg = make_config(preset, **args)
     else:
-        print(f"config: {preset}")
-    cfg = make_config(preset, **args)
+        say(f"config: {preset}")
 
-    from gpt_jax.training import train  # after argument checks: importing jax takes a second
+    from gpt_jax.training import train
 
     result = train(cfg)
-    print(f"done: step {int(result.state.step)}, best val loss {result.best_val_loss:.4f}, "
-          f"checkpoints in {result.config.out_dir}")
+    say(f"done: step {int(result.state.step)}, best val loss {result.best_val_loss:.4f}, "
+        f"checkpoints in {result.config.out_dir}")
     return 0
 
 

@@ -9,6 +9,7 @@ restore is skipped with a warning in favour of the next older one.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import warnings
@@ -18,7 +19,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from gpt_jax.config import Config, coerce, expand, validate
-from gpt_jax.errors import CheckpointError
+from gpt_jax.errors import CheckpointError, ConfigError
 from gpt_jax.tokenizer import CharTokenizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -112,15 +113,35 @@ def config_from_metadata(meta: dict[str, Any]) -> Config:
         raise CheckpointError(f"checkpoint metadata has no usable config ({e})") from None
 
 
+def portable(cfg: Config) -> Config:
+    """``cfg`` for this machine: an attention kernel chosen for another platform becomes "auto".
+
+    The kernel changes how attention is computed, not its result, so a model trained with
+    ``attention=cudnn`` on a GPU can be sampled on a CPU.
+    """
+    from gpt_jax.model import attention_impl
+
+    try:
+        attention_impl(cfg, cfg.block_size, with_dropout=False)
+    except ConfigError as e:
+        warnings.warn(f"{e}: using attention=auto here", stacklevel=3)
+        return dataclasses.replace(cfg, attention="auto")
+    return cfg
+
+
 def load_checkpoint(out_dir: str | Path, step: int | None = None
                     ) -> tuple[Any, Config, CharTokenizer, dict[str, Any]]:
     """(params, config, tokenizer, metadata) from a training ``out_dir`` — the notebook entry point.
 
-    Restores the newest good step (or ``step``); parameters come back as float32 arrays on the
-    default device.
+    Restores the newest good step (or ``step``); parameters come back as float32 arrays on one local
+    device, whatever the device count or platform that wrote them.
     """
+    import jax
+
+    from gpt_jax.sharding import make_mesh
     from gpt_jax.training import abstract_state
 
+    mesh = make_mesh(jax.local_devices()[:1])  # whatever devices wrote it, restore onto one
     with Checkpointer(out_dir, read_only=True) as ckpt:
         steps = [step] if step is not None else ckpt.steps()[::-1]
         if not steps:
@@ -133,9 +154,9 @@ def load_checkpoint(out_dir: str | Path, step: int | None = None
                               f"({type(e).__name__}: {e}); trying an older step", stacklevel=2)
                 continue
             try:
-                _, state, meta = ckpt.restore(abstract_state(cfg), step=s)  # warns if it fails
+                _, state, meta = ckpt.restore(abstract_state(cfg, mesh), step=s)  # warns if it fails
             except CheckpointError:
                 continue
-            return state.params, cfg, CharTokenizer.from_json(meta["tokenizer"]), meta
+            return state.params, portable(cfg), CharTokenizer.from_json(meta["tokenizer"]), meta
     raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out_dir)} (steps {steps}); "
                           "train again or restore the directory from a backup")

@@ -3,6 +3,11 @@
 The loop is a thin driver: ``train_step`` is one compiled function with the state donated, batches
 come from ``get_batch(split, step, seed)`` and the dropout key is ``fold_in(seed, step)``, so the whole
 run is a function of (config, data, step) and resuming from a checkpoint gives the same numbers.
+
+Devices: the steps are compiled for a mesh (``gpt_jax.sharding``) with the batch split over its
+``data`` axis and the state replicated or FSDP-sharded; one device is the same code with a mesh of one.
+With ``gradient_accumulation_steps`` = A the step takes [A, B, T] and sums the gradients of its A
+micro-batches in a ``lax.scan`` before one update: the same update as one batch of A * B rows.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from gpt_jax import sharding
 from gpt_jax.checkpoint import Checkpointer, make_metadata
 from gpt_jax.config import Config, expand, validate
 from gpt_jax.data import TokenData, get_batch, load_data
@@ -62,14 +69,26 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return adamw
 
 
-def init_state(cfg: Config) -> TrainState:
-    params = init_params(cfg, jax.random.PRNGKey(cfg.seed))
-    return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params))
+def init_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
+    """A fresh train state; with a mesh, created directly in its shardings (same values)."""
+    def fresh() -> TrainState:
+        params = init_params(cfg, jax.random.PRNGKey(cfg.seed))
+        return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params))
+
+    if mesh is None:
+        return fresh()
+    return jax.jit(fresh, out_shardings=state_shardings(cfg, mesh))()
 
 
-def abstract_state(cfg: Config) -> TrainState:
-    """Shapes and dtypes of the train state, without computing it (a restore target)."""
-    return jax.eval_shape(lambda: init_state(cfg))
+def abstract_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
+    """Shapes and dtypes of the train state, without computing it: a restore target. With a mesh
+    the leaves carry their shardings there, so a checkpoint restores onto any device count."""
+    abstract = jax.eval_shape(lambda: init_state(cfg))
+    return abstract if mesh is None else sharding.with_shardings(abstract, state_shardings(cfg, mesh))
+
+
+def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
+    return sharding.state_shardings(jax.eval_shape(lambda: init_state(cfg)), mesh, cfg.fsdp)
 
 
 def dropout_key(cfg: Config, step: jax.Array) -> jax.Array:
@@ -80,31 +99,61 @@ def dropout_key(cfg: Config, step: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(cfg: Config) -> Callable:
-    """``train_step(state, x_BxT, y_BxT) -> (state, metrics)``, compiled once, state donated."""
+def make_train_step(cfg: Config, mesh: Mesh | None = None) -> Callable:
+    """``train_step(state, x, y) -> (state, metrics)``, compiled once, state donated.
+
+    x and y are [B, T], or [A, B, T] with ``gradient_accumulation_steps`` = A > 1. The default mesh is
+    every device.
+    """
+    mesh = mesh or sharding.make_mesh()
     optimizer = make_optimizer(cfg)
     schedule = lr_schedule(cfg)
+    accum = cfg.gradient_accumulation_steps
+    grad_fn = jax.value_and_grad(loss_fn)
 
-    def train_step(state: TrainState, x_BxT: jax.Array, y_BxT: jax.Array):
+    def train_step(state: TrainState, x: jax.Array, y: jax.Array):
         key = dropout_key(cfg, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, cfg, x_BxT, y_BxT, key)
+        if accum == 1:
+            loss, grads = grad_fn(state.params, cfg, x, y, key)
+        else:
+            def micro(carry, xs):
+                i, x_BxT, y_BxT = xs
+                loss, grads = grad_fn(state.params, cfg, x_BxT, y_BxT, jax.random.fold_in(key, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), x, y))
+            loss, grads = jax.tree_util.tree_map(lambda g: g / accum, (loss, grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options())
+    state_sh = state_shardings(cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh, leading=int(accum > 1))
+    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options(),
+                   in_shardings=(state_sh, batch_sh, batch_sh),
+                   out_shardings=(state_sh, sharding.replicated(mesh)))
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(cfg: Config) -> Callable:
-    """``eval_step(params, xs_NxBxT, ys_NxBxT) -> mean loss`` over N batches, in one compiled call."""
+def make_eval_step(cfg: Config, mesh: Mesh | None = None) -> Callable:
+    """``eval_step(params, xs_NxBxT, ys_NxBxT) -> mean loss`` over N batches, in one compiled call.
+
+    Without a mesh the arrays stay where they are; with one, params and batches are laid out as in
+    training.
+    """
 
     def eval_step(params, xs_NxBxT: jax.Array, ys_NxBxT: jax.Array) -> jax.Array:
         losses_N = jax.lax.map(lambda xy: loss_fn(params, cfg, *xy), (xs_NxBxT, ys_NxBxT))
         return jnp.mean(losses_N)
 
-    return jax.jit(eval_step, compiler_options=compiler_options())
+    if mesh is None:
+        return jax.jit(eval_step, compiler_options=compiler_options())
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    return jax.jit(eval_step, compiler_options=compiler_options(),
+                   in_shardings=(state_shardings(cfg, mesh).params, batch_sh, batch_sh),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def eval_batches(data: TokenData, split: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -120,12 +169,14 @@ def eval_batches(data: TokenData, split: str, cfg: Config) -> tuple[np.ndarray, 
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def evaluate(params: Any, cfg: Config, data: TokenData, batches: dict | None = None) -> dict[str, float]:
+def evaluate(params: Any, cfg: Config, data: TokenData, batches: dict | None = None,
+             mesh: Mesh | None = None) -> dict[str, float]:
     """Mean loss over ``eval_iters`` batches of each split (the course's ``estimate_loss``).
 
-    ``batches`` ({split: (xs, ys)} from ``eval_batches``) saves rebuilding them at every call.
+    ``batches`` ({split: (xs, ys)} from ``eval_batches``) saves rebuilding them at every call; ``mesh``
+    is the training mesh, when params are laid out on it.
     """
-    eval_step = make_eval_step(cfg)
+    eval_step = make_eval_step(cfg, mesh)
     batches = batches or {split: eval_batches(data, split, cfg) for split in ("train", "val")}
     return {split: float(eval_step(params, *xy)) for split, xy in batches.items()}
 
@@ -151,25 +202,49 @@ def prepare(cfg: Config, data: TokenData | None = None) -> tuple[Config, TokenDa
     return cfg, data
 
 
-def train(cfg: Config, data: TokenData | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train ``cfg`` from scratch or resume it (``init_from="resume"``); returns the final state."""
-    cfg, data = prepare(cfg, data)
-    log = log or (lambda msg: tqdm.write(msg))
+def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None] | None = None,
+          mesh: Mesh | None = None) -> TrainResult:
+    """Train ``cfg`` from scratch or resume it (``init_from="resume"``); returns the final state.
+
+    ``mesh``: the devices to train on (default: all of them, over all processes). With several
+    processes every one calls ``train``; only process 0 logs and writes metrics.
+    """
+    sharding.initialize_distributed(cfg.distributed)
+    mesh = mesh or sharding.make_mesh()
+    sharding.check_batch(cfg, mesh)
+    cfg, data = _prepare_everywhere(cfg, data)
+    primary = sharding.is_primary()
+    log = (log or (lambda msg: tqdm.write(msg))) if primary else (lambda msg: None)
     out_dir = expand(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with Checkpointer(out_dir, cfg.keep_checkpoints) as ckpt:
-        state, best_val = _initial_state(cfg, ckpt, data, log)
-        history = _Metrics(out_dir / "metrics.jsonl", int(state.step), cfg.init_from == "resume")
-        loop = _Loop(cfg, data, ckpt, history, best_val, log)
+        state, best_val = _initial_state(cfg, ckpt, data, log, mesh)
+        history = _Metrics(out_dir / "metrics.jsonl", int(state.step), cfg.init_from == "resume",
+                           write=primary)
+        loop = _Loop(cfg, data, ckpt, history, best_val, log, mesh)
         state = loop.run(state)
         ckpt.wait()
     return TrainResult(state, cfg, data.tokenizer, history.records, loop.best_val)
 
 
-def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log) -> tuple[TrainState, float]:
+def _prepare_everywhere(cfg: Config, data: TokenData | None) -> tuple[Config, TokenData]:
+    """``prepare`` on every process; process 0 first, so a shared data_dir is written once."""
+    if jax.process_count() == 1 or data is not None:
+        return prepare(cfg, data)
+    from jax.experimental import multihost_utils
+
+    if sharding.is_primary():
+        result = prepare(cfg)
+        multihost_utils.sync_global_devices("gpt_jax: data prepared")
+        return result
+    multihost_utils.sync_global_devices("gpt_jax: data prepared")
+    return prepare(cfg)
+
+
+def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log, mesh: Mesh
+                   ) -> tuple[TrainState, float]:
     if cfg.init_from == "resume":
-        step, state, meta = ckpt.restore(abstract_state(cfg))
+        step, state, meta = ckpt.restore(abstract_state(cfg, mesh))
         saved_vocab = meta.get("tokenizer", {}).get("chars")
         if saved_vocab != data.tokenizer.chars:
             raise CheckpointError(f"the checkpoint at step {step} was trained on another vocabulary "
@@ -181,21 +256,24 @@ def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log) -> tup
             f"{cfg.out_dir} already holds checkpoints (steps {ckpt.steps()}); continue them with "
             "--init_from=resume or choose another --out_dir"
         )
-    return init_state(cfg), math.inf
+    return init_state(cfg, mesh), math.inf
 
 
 class _Metrics:
     """metrics.jsonl, one JSON object per line; on resume, lines past the restored step are dropped."""
 
-    def __init__(self, path: Path, step: int, resume: bool):
-        self.path, self.records = path, []
+    def __init__(self, path: Path, step: int, resume: bool, write: bool = True):
+        self.path, self.records, self.write = path, [], write
         if resume and path.exists():
             lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             self.records = [r for r in lines if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if write:
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -204,12 +282,17 @@ class _Loop:
     """Drives the compiled steps; syncs with the device only at log and eval steps."""
 
     def __init__(self, cfg: Config, data: TokenData, ckpt: Checkpointer, metrics: _Metrics,
-                 best_val: float, log: Callable[[str], None]):
+                 best_val: float, log: Callable[[str], None], mesh: Mesh):
         self.cfg, self.data, self.ckpt, self.metrics, self.log = cfg, data, ckpt, metrics, log
-        self.best_val = best_val
-        self.train_step = make_train_step(cfg)
-        self.eval_data = {split: eval_batches(data, split, cfg) for split in ("train", "val")}
-        self.tokens_per_step = cfg.batch_size * cfg.block_size
+        self.best_val, self.mesh = best_val, mesh
+        self.train_step = make_train_step(cfg, mesh)
+        self.accum = cfg.gradient_accumulation_steps
+        self.batch_sh = sharding.batch_sharding(mesh, leading=int(self.accum > 1))
+        eval_sh = sharding.batch_sharding(mesh, leading=1)
+        self.eval_data = {
+            split: tuple(sharding.put_global(a, eval_sh) for a in eval_batches(data, split, cfg))
+            for split in ("train", "val")}
+        self.tokens_per_step = self.accum * cfg.batch_size * cfg.block_size
         self.start = time.perf_counter()
 
     def run(self, state: TrainState) -> TrainState:
@@ -217,12 +300,12 @@ class _Loop:
         step = int(state.step)
         if step == 0:
             self._eval(state, step, {}, save=False)
-        bar = tqdm(total=cfg.max_iters, initial=step, disable=not cfg.progress, unit="step",
+        bar = tqdm(total=cfg.max_iters, initial=step, disable=not (cfg.progress and self.metrics.write),
+                   unit="step",
                    dynamic_ncols=True, leave=False)
         timer_step, timer = step, None  # the first interval starts after the first (compiling) step
         while step < cfg.max_iters:
-            x_BxT, y_BxT = self.data.get_batch("train", step, cfg.seed, cfg.batch_size, cfg.block_size)
-            state, metrics = self.train_step(state, x_BxT, y_BxT)
+            state, metrics = self.train_step(state, *self._batch(step))
             step += 1
             bar.update(1)
             if timer is None:
@@ -241,6 +324,15 @@ class _Loop:
         bar.close()
         return state
 
+    def _batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+        """The training batch of ``step``: [B, T], or A micro-batches [A, B, T] drawn as one A * B batch
+        (so accumulation sees the same rows as the full batch would)."""
+        cfg, A = self.cfg, self.accum
+        x, y = self.data.get_batch("train", step, cfg.seed, A * cfg.batch_size, cfg.block_size)
+        if A > 1:
+            x, y = (a.reshape(A, cfg.batch_size, cfg.block_size) for a in (x, y))
+        return sharding.put_global(x, self.batch_sh), sharding.put_global(y, self.batch_sh)
+
     def _log_record(self, step: int, metrics: dict, timer_step: int, timer: float) -> dict:
         loss, lr = float(metrics["loss"]), float(metrics["lr"])  # the host sync of this interval
         steps = step - timer_step
@@ -249,7 +341,7 @@ class _Loop:
                 "elapsed_s": time.perf_counter() - self.start}
 
     def _eval(self, state: TrainState, step: int, record: dict, save: bool) -> None:
-        losses = evaluate(state.params, self.cfg, self.data, self.eval_data)
+        losses = evaluate(state.params, self.cfg, self.data, self.eval_data, self.mesh)
         if record:  # the log record of this step: its batch loss moves aside for the estimates
             record = {**record, "batch_loss": record["train_loss"]}
         else:  # before the first update
