@@ -60,8 +60,18 @@ def lr_schedule(cfg: Config) -> Callable[[jax.Array], jax.Array]:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """AdamW with weight decay on weights of two or more dimensions only; global-norm clipping."""
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    """AdamW with weight decay on weights of two or more dimensions only; global-norm clipping.
+
+    Dimensions are counted per layer: in the scanned layout (``params["h"]``) the leading layer axis
+    does not make a layer-norm scale a matrix.
+    """
+    def decay_mask(params):
+        def per_layer_ndim(path, p):
+            stacked = cfg.scan_layers and getattr(path[0], "key", None) == "h"
+            return p.ndim - stacked >= 2
+
+        return jax.tree_util.tree_map_with_path(per_layer_ndim, params)
+
     adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.grad_clip > 0:

@@ -9,6 +9,7 @@ import pytest
 
 from gpt_jax import model
 from gpt_jax.config import make_config
+from gpt_jax.errors import ConfigError
 from gpt_jax.model import count_params, cross_entropy, init_params
 
 # Compiled, as every caller in the library uses them; op-by-op Flax is slow.
@@ -121,3 +122,110 @@ def test_config_change_changes_the_model():
     other = dataclasses.replace(cfg, n_layer=3)
     assert count_params(init_params(other, jax.random.PRNGKey(0))) > count_params(
         init_params(cfg, jax.random.PRNGKey(0)))
+
+
+# --- how the model is computed: layouts, precision, attention kernels ------------------------------
+
+def _loss_and_grads(cfg, params, x, y, key=None):
+    loss, grads = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=1)(params, cfg, x, y, key)
+    return float(loss), model.unstack_layers(grads, cfg)
+
+
+def _max_diff(a, b) -> float:
+    return max(float(jnp.abs(x - y).max())
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+
+
+@pytest.mark.parametrize("change", [dict(remat=True), dict(scan_layers=True),
+                                    dict(scan_layers=True, remat=True)])
+def test_remat_and_scan_compute_the_same_loss_and_gradients(change):
+    cfg = make_config(**{**BASE, "n_layer": 3})
+    other = dataclasses.replace(cfg, **change)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    other_params = init_params(other, jax.random.PRNGKey(0))  # same seed, same model, other layout
+    assert _max_diff(model.unstack_layers(other_params, other), params) == 0.0
+    if other.scan_layers:
+        assert other_params["h"]["block"]["attn"]["c_attn"]["kernel"].shape == (3, 32, 96)
+        assert model.stack_layers(params, other).keys() == other_params.keys()
+    x, y = tokens(4, 16), tokens(4, 16, seed=1)
+    loss, grads = _loss_and_grads(cfg, params, x, y)
+    other_loss, other_grads = _loss_and_grads(other, other_params, x, y)
+    assert abs(loss - other_loss) < 1e-6 and _max_diff(grads, other_grads) < 1e-6
+
+
+def test_remat_keeps_the_dropout_masks():
+    cfg = make_config(**{**BASE, "dropout": 0.2})
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    x, y, key = tokens(4, 16), tokens(4, 16, seed=1), jax.random.key(5)
+    assert _loss_and_grads(cfg, params, x, y, key)[0] == _loss_and_grads(
+        dataclasses.replace(cfg, remat=True), params, x, y, key)[0]
+
+
+def test_scanned_layers_decode_with_the_kv_cache():
+    cfg = make_config(**BASE)
+    scanned = dataclasses.replace(cfg, scan_layers=True)
+    params = init_params(scanned, jax.random.PRNGKey(0))
+    x = tokens(2, 16)
+    logits, _ = model.cached_logits_fn(params, scanned, x, model.init_cache(scanned, 2))
+    np.testing.assert_allclose(logits, logits_fn(params, scanned, x), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_loss():
+    cfg = make_config(**BASE)
+    half = dataclasses.replace(cfg, dtype="bfloat16")
+    params = init_params(half, jax.random.PRNGKey(0))
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+    assert logits_fn(params, half, tokens(2, 16)).dtype == jnp.bfloat16
+    x, y = tokens(4, 16), tokens(4, 16, seed=1)
+    loss, grads = _loss_and_grads(cfg, params, x, y)
+    half_loss, half_grads = _loss_and_grads(half, params, x, y)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(half_grads)} == {jnp.dtype(jnp.float32)}
+    assert abs(loss - half_loss) < 1e-2  # bfloat16 keeps 8 bits of mantissa
+    assert model.compute_dtype(make_config(**BASE)) == jnp.float32  # auto on CPU
+    cache = model.init_cache(half, 1)
+    assert cache["layers"][0]["k"].dtype == jnp.bfloat16
+
+
+def _reference_attention(q, k, v):
+    T = q.shape[1]
+    return model.attention_xla(q, k, v, jnp.tril(jnp.ones((T, T), dtype=bool)))
+
+
+def test_pallas_flash_attention_matches_xla():
+    """The TPU kernel, run by Pallas's interpreter on CPU: forward and gradients within 1e-5."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, T, H, K = 1, 128, 2, 32
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, H, K)) for i in range(3))
+    tol = model.ATTENTION_TOLERANCE["float32"]
+    with pltpu.force_tpu_interpret_mode():
+        out = model.attention_pallas(q, k, v)
+        grads = jax.grad(lambda *a: model.attention_pallas(*a).sum(), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, _reference_attention(q, k, v), atol=tol)
+    ref_grads = jax.grad(lambda *a: _reference_attention(*a).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=tol)
+
+
+def test_attention_choice():
+    cfg = make_config(**BASE)
+    assert model.attention_impl(cfg, 16, with_dropout=False) == "xla"  # auto on CPU
+    for choice, needs in (("cudnn", "NVIDIA GPU"), ("pallas", "TPUs only")):
+        message = f"attention={choice} cannot run: .*{needs}.*use attention=auto"
+        with pytest.raises(ConfigError, match=message):
+            model.attention_impl(dataclasses.replace(cfg, attention=choice), 128, with_dropout=False)
+    with pytest.raises(ConfigError, match="attention=cudnn cannot run"):  # refused at trace time too
+        logits_fn(init_params(cfg, jax.random.PRNGKey(0)), dataclasses.replace(cfg, attention="cudnn"),
+                  tokens(1, 16))
+
+
+def test_auto_attention_keeps_attention_dropout_on_xla(monkeypatch):
+    """On a GPU that runs cuDNN, auto takes it for deterministic calls and XLA while attention
+    dropout is active; an explicit fused choice with dropout is refused, not silently changed."""
+    monkeypatch.setattr(model.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(model, "_cudnn_unsupported", lambda cfg: None)
+    cfg = make_config(**{**BASE, "dropout": 0.1})
+    assert model.attention_impl(cfg, 16, with_dropout=False) == "cudnn"
+    assert model.attention_impl(cfg, 16, with_dropout=True) == "xla"
+    with pytest.raises(ConfigError, match="no attention-weight dropout"):
+        model.attention_impl(dataclasses.replace(cfg, attention="cudnn"), 16, with_dropout=True)

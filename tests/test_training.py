@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from gpt_jax import model
 from gpt_jax.checkpoint import Checkpointer
 from gpt_jax.errors import CheckpointError
 from gpt_jax.training import init_state, lr_schedule, make_optimizer, prepare, train
@@ -29,14 +30,18 @@ def test_lr_schedule_is_nanogpts(tiny_cfg):
         assert float(schedule(it)) == pytest.approx(nanogpt_lr(it, cfg), rel=1e-5), it
 
 
-def test_weight_decay_applies_to_matrices_only(tiny_cfg):
-    cfg, _ = prepare(dataclasses.replace(tiny_cfg, bias=True, learning_rate=0.1, min_lr=0.0))
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_applies_to_matrices_only(tiny_cfg, scan_layers):
+    cfg, _ = prepare(dataclasses.replace(tiny_cfg, bias=True, learning_rate=0.1, min_lr=0.0,
+                                         scan_layers=scan_layers))
     state = init_state(cfg)
     zeros = jax.tree_util.tree_map(np.zeros_like, state.params)
     updates, _ = jax.jit(make_optimizer(cfg).update)(zeros, state.opt_state, state.params)
-    # With zero gradients the only update is the decay, -lr * wd * p, on >= 2-D weights alone.
-    flat = jax.tree_util.tree_leaves_with_path(updates)
-    params = dict(jax.tree_util.tree_leaves_with_path(state.params))
+    # With zero gradients the only update is the decay, -lr * wd * p, on >= 2-D weights alone
+    # (counted per layer: the scanned layout's stacking axis does not count).
+    flat = jax.tree_util.tree_leaves_with_path(model.unstack_layers(updates, cfg))
+    params = dict(jax.tree_util.tree_leaves_with_path(model.unstack_layers(state.params, cfg)))
+    assert len(flat) == len(params) > 10
     for path, update in flat:
         if params[path].ndim >= 2:
             assert np.any(update != 0), path
@@ -120,3 +125,27 @@ def test_scratch_run_refuses_a_directory_with_checkpoints(tiny_cfg):
 def test_resume_without_checkpoints_is_a_clear_error(tiny_cfg):
     with pytest.raises(CheckpointError, match="no checkpoint steps"):
         train(dataclasses.replace(tiny_cfg, init_from="resume"))
+
+
+@pytest.mark.parametrize("change", [
+    {"gradient_accumulation_steps": 4, "batch_size": 1},  # 4 micro-batches of 1 = one batch of 4
+    {"scan_layers": True, "remat": True},
+])
+def test_accumulation_scan_and_remat_train_like_the_plain_step(tiny_cfg, shakespeare, tmp_path, change):
+    """Same data, same updates: the final parameters agree to float32 rounding."""
+    steps = dict(max_iters=6, eval_interval=6, log_interval=2)
+    plain = train(dataclasses.replace(tiny_cfg, **steps, out_dir=str(tmp_path / "plain")), shakespeare)
+    other_cfg = dataclasses.replace(tiny_cfg, **steps, **change, out_dir=str(tmp_path / "other"))
+    other = train(other_cfg, shakespeare)
+    other_params = model.unstack_layers(other.state.params, other.config)
+    for a, b in zip(jax.tree_util.tree_leaves(plain.state.params), jax.tree_util.tree_leaves(other_params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert [r["step"] for r in other.history] == [r["step"] for r in plain.history]
+    same_eval = other_cfg.batch_size == tiny_cfg.batch_size  # evaluation batches are batch_size rows
+    for r, s in zip(plain.history, other.history, strict=True):
+        if "batch_loss" in r or "val_loss" not in r:  # the training batch's loss, logged or at an eval
+            assert abs(r.get("batch_loss", r["train_loss"]) - s.get("batch_loss", s["train_loss"])) < 1e-5
+        if "val_loss" in r and same_eval:
+            assert abs(r["val_loss"] - s["val_loss"]) < 1e-5
+
