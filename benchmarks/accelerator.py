@@ -1,6 +1,7 @@
 """Train-step speed on any backend: ms/iter, tokens/s, achieved TFLOP/s, MFU and compile time.
 
     python benchmarks/accelerator.py [--shape=shakespeare_char|gpt2|both] [--steps=50] [--repeats=3]
+        [--warmup=3]
         [--key=value ...]   # any config override: --dtype=float32, --attention=xla, --fsdp=True, ...
     python benchmarks/accelerator.py --time_to_loss=1.47 --dataset=PATH [--key=value ...]
 
@@ -56,7 +57,7 @@ def flops_per_token(cfg, n_params: int) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
 
 
-def speed(shape: str, overrides: dict, steps: int, repeats: int, peak: float | None) -> dict:
+def speed(shape: str, overrides: dict, steps: int, repeats: int, warmup: int, peak: float | None) -> dict:
     import jax
     import numpy as np
 
@@ -79,7 +80,7 @@ def speed(shape: str, overrides: dict, steps: int, repeats: int, peak: float | N
     t0 = time.perf_counter()
     step = make_train_step(cfg, mesh).lower(state, x, y).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(3):
+    for _ in range(warmup):
         state, metrics = step(state, x, y)
     jax.block_until_ready(metrics)
     times = []
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per device, if not in the table")
     parser.add_argument("--time_to_loss", type=float, default=None)
     args, rest = parser.parse_known_args()
@@ -158,7 +160,7 @@ def main() -> None:
 
     overrides = parse_overrides(rest)
     for shape in (list(SHAPES) if args.shape == "both" else [args.shape]):
-        r = speed(shape, overrides, args.steps, args.repeats, args.peak_tflops)
+        r = speed(shape, overrides, args.steps, args.repeats, args.warmup, args.peak_tflops)
         print(json.dumps(r))
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak known; --peak_tflops)"
         print(f"{shape} on {r['device']} ({r['dtype']}, attention {r['attention']}): "

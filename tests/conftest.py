@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,25 @@ SHARED_TEXT = Path(os.environ.get("GPT_JAX_TINYSHAKESPEARE",
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.0,
             max_iters=20, warmup_iters=2, lr_decay_iters=20, eval_interval=10, eval_iters=2,
             log_interval=5, progress=False, learning_rate=3e-3, min_lr=3e-4)
+
+
+def pytest_configure(config):
+    """One JAX compilation cache per test run, shared by the xdist workers and every subprocess.
+
+    Many tests compile the same small programs (the tiny model's steps, the CLIs' subprocesses); the
+    cache makes the second and later compiles cheap. Set here, in the controlling process, before any
+    import of jax: workers and subprocesses inherit the environment. A cache of your own is kept.
+    """
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config._jax_cache = tempfile.mkdtemp(prefix="gpt_jax-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jax_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_jax_cache", None):
+        shutil.rmtree(config._jax_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices (not a test module).
 
-``python tests/multidevice.py steps``: a few train steps on 8 devices and on 1, for data parallelism,
-FSDP and gradient accumulation; prints one JSON line with the largest parameter and loss differences.
-``python tests/multidevice.py train OUT_DIR PARAMS.npz SOURCE DATA_DIR``: trains with FSDP on 8 devices
-into OUT_DIR and saves the final parameters for comparison after a restore elsewhere.
+``python tests/multidevice.py OUT_DIR PARAMS.npz SOURCE DATA_DIR`` prints one JSON line with
+- "steps": two train steps on 8 devices and on 1, for data parallelism, FSDP and FSDP with gradient
+  accumulation: the largest parameter and loss differences, and whether parameters were sharded;
+- "train": a short FSDP training run on 8 devices into OUT_DIR, its final parameters saved to
+  PARAMS.npz for comparison after a restore elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, dropout
             progress=False, learning_rate=3e-3, min_lr=3e-4)
 
 
-def run_steps(cfg, mesh, steps: int = 3):
+def run_steps(cfg, mesh, steps: int = 2):
     """``steps`` updates on fixed random batches; returns (params on the host, losses)."""
     state = training.init_state(cfg, mesh)
     train_step = training.make_train_step(cfg, mesh)
@@ -82,5 +83,4 @@ def train(out_dir: str, npz: str, source: str, data_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    mode, *args = sys.argv[1:]
-    print(json.dumps(steps() if mode == "steps" else train(*args)))
+    print(json.dumps({"steps": steps(), "train": train(*sys.argv[1:])}))

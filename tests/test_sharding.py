@@ -26,11 +26,16 @@ from gpt_jax.training import train
 TOLERANCE = 1e-5  # float32 sums in another order: observed differences are below 1e-6
 
 
-def _multidevice(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice.py"), *args],
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, shakespeare_file, data_dir, shakespeare):
+    """One subprocess with 8 devices: the step comparisons, then an FSDP training run into OUT_DIR."""
+    tmp = tmp_path_factory.mktemp("eight")
+    out, npz = tmp / "out", tmp / "params.npz"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice.py"), str(out), str(npz),
+                           str(shakespeare_file), str(data_dir)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), out, npz
 
 
 def test_fsdp_splits_the_largest_divisible_dimension():
@@ -50,8 +55,10 @@ def test_batch_must_divide_over_devices():
         sharding.check_batch(make_config(batch_size=12), fake)
 
 
-def test_sharded_steps_equal_the_single_device_step():
-    results = _multidevice("steps")
+# The two users of the 8-device fixture share one worker, so its subprocess runs once.
+@pytest.mark.xdist_group("eight_devices")
+def test_sharded_steps_equal_the_single_device_step(eight_devices):
+    results = eight_devices[0]["steps"]
     assert set(results) == {"data", "fsdp", "fsdp+accumulation"}
     for name, r in results.items():
         assert r["params"] < TOLERANCE and r["loss"] < TOLERANCE, (name, r)
@@ -59,10 +66,11 @@ def test_sharded_steps_equal_the_single_device_step():
     assert results["fsdp"]["sharded_params"] and results["fsdp+accumulation"]["sharded_params"]
 
 
-def test_checkpoint_written_on_8_devices_restores_and_resumes_on_1(tmp_path, shakespeare_file, data_dir,
-                                                                   shakespeare):
-    out, npz = tmp_path / "out", tmp_path / "params.npz"
-    written = _multidevice("train", str(out), str(npz), str(shakespeare_file), str(data_dir))
+@pytest.mark.xdist_group("eight_devices")
+def test_checkpoint_written_on_8_devices_restores_and_resumes_on_1(eight_devices, shakespeare_file,
+                                                                   data_dir, shakespeare):
+    results, out, npz = eight_devices
+    written = results["train"]
     assert written == {"devices": 8, "step": 10}
     assert jax.device_count() == 1
     params, cfg, _, meta = load_checkpoint(out)
