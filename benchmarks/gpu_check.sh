@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh PATH/TO/tinyshakespeare.txt
 # 1. fused attention kernels against the XLA reference; 2. step speed of the shakespeare_char preset
 # and of GPT-2 124M (bf16, auto attention); 3. wall clock of train.py to val loss <= 1.47.
-# A machine without tensorflow-datasets reads the text file directly (--dataset=PATH, same splits).
+# Runs from the repository root without installing: it needs jax, flax, optax, orbax-checkpoint, numpy
+# and tqdm, not tensorflow-datasets (the text file is read directly with --dataset=PATH, same splits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEXT=${1:?usage: bash benchmarks/gpu_check.sh PATH/TO/tinyshakespeare.txt}

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from gpt_jax.checkpoint import Checkpointer, load_checkpoint
+from gpt_jax.checkpoint import Checkpointer, load_checkpoint, portable
+from gpt_jax.config import make_config
 from gpt_jax.errors import CheckpointError
 from gpt_jax.training import abstract_state, init_state, prepare, train
 
@@ -64,3 +65,12 @@ def test_no_good_step_is_a_clear_error(trained):
         shutil.rmtree(step / "state")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
         load_checkpoint(trained.config.out_dir)
+
+
+def test_a_kernel_of_another_platform_becomes_auto_on_load():
+    """A model trained with attention=cudnn on a GPU samples on a CPU: the kernel is re-chosen."""
+    cfg = make_config(vocab_size=65, attention="cudnn")
+    with pytest.warns(UserWarning, match="attention=cudnn cannot run: .*using attention=auto here"):
+        assert portable(cfg) == dataclasses.replace(cfg, attention="auto")
+    plain = make_config(vocab_size=65, attention="xla")
+    assert portable(plain) is plain
