@@ -2,11 +2,15 @@
 
 With no config file, the preset is ``shakespeare_char`` on an accelerator and
 ``shakespeare_char_cpu`` without one. ``--help`` lists every key with its default.
+
+Exit codes: 0 done, or stopped by SIGTERM after saving a checkpoint; 130 stopped by Ctrl-C (the first
+saves a checkpoint, a second exits at once); 2 a problem with the input, said in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 
 from gpt_jax import cli
 from gpt_jax.config import FIELDS, Config, coerce, default_preset, make_config, parse_overrides
@@ -29,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    # A failed checkpoint write is reported as this program's error line; orbax's background threads
+    # would also log it, with tracebacks, on the way out.
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     parsed, unknown = build_parser().parse_known_args(argv)
     parse_overrides(unknown)  # raises a ConfigError that names the unknown key
     args = vars(parsed)
@@ -50,7 +58,9 @@ def main(argv: list[str]) -> int:
 
     from gpt_jax.training import train
 
-    result = train(cfg)
+    result = train(cfg, exit_on_second_interrupt=True)
+    if result.stopped:  # SIGTERM or a first Ctrl-C: a checkpoint of this step was saved
+        return cli.EXIT_INTERRUPTED if result.stopped == "interrupt" else 0
     say(f"done: step {int(result.state.step)}, best val loss {result.best_val_loss:.4f}, "
         f"checkpoints in {result.config.out_dir}")
     return 0

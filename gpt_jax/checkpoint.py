@@ -23,6 +23,7 @@ from gpt_jax.errors import CheckpointError, ConfigError
 from gpt_jax.tokenizer import CharTokenizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
+_TMP_MARK = ".orbax-checkpoint-tmp"
 _VERSIONED = ("jax", "flax", "optax", "orbax-checkpoint")
 
 # orbax logs routine events (every save, read-only opens) through absl; keep the console for training.
@@ -53,17 +54,53 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoints in {self.directory.parent}; train first or check --out_dir"
             )
+        self._warn_about_partial_saves(removing=not read_only)
+        # A run that writes holds the directory's lock (runlock.py), so leftovers of an interrupted
+        # save belong to nobody and are removed.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               read_only=read_only)
+                                               read_only=read_only, cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None
+
+    def _warn_about_partial_saves(self, removing: bool) -> None:
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.glob(f"*{_TMP_MARK}*")):
+            step = path.name.split(".", 1)[0]
+            warnings.warn(f"checkpoint step {step} in {self.directory} was never completed (an interrupted "
+                          f"save left {path.name}); {'removing it' if removing else 'ignoring it'}",
+                          stacklevel=3)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
-        """Start saving ``state`` at ``step``; returns once the arrays are copied off the device."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata)))
+        """Start saving ``state`` at ``step``; returns once the arrays are copied off the device.
+
+        The write finishes in the background; a failure (a full disk, say) is raised as a
+        CheckpointError by the next ``save`` or ``wait``. Older steps are pruned only after a new one
+        is complete, so a failed save leaves them as they were.
+        """
+        self._check(lambda: self._manager.wait_until_finished())
+        self._saving = step
+        self._check(lambda: self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata))))
+
+    def _check(self, action) -> None:
+        try:
+            action()
+        except Exception as e:  # orbax and tensorstore raise many types for failed writes
+            step, self._saving = self._saving, None
+            if step is None:
+                raise
+            good = [s for s in self._completed_steps() if s != step]
+            kept = f"the newest complete checkpoint is step {good[-1]}" if good else "no complete checkpoint"
+            reason = _short_reason(e)
+            raise CheckpointError(f"cannot write checkpoint step {step} in {self.directory} ({reason}); "
+                                  f"{kept}; free disk space or choose another --out_dir, then resume") from e
+
+    def _completed_steps(self) -> list[int]:
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
 
     def restore_metadata(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -93,7 +130,8 @@ class Checkpointer:
                               + "; ".join(failures))
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self._check(self._manager.wait_until_finished)
+        self._saving = None
 
     def close(self) -> None:
         self._manager.close()
@@ -103,6 +141,14 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _short_reason(error: Exception) -> str:
+    """The telling part of a storage error: tensorstore's messages end with the OS error, followed by
+    a long spec that says nothing to a person."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = text.split(" [tensorstore_spec=", 1)[0]
+    return text if len(text) <= 240 else "..." + text[-240:]
 
 
 def config_from_metadata(meta: dict[str, Any]) -> Config:

@@ -12,10 +12,15 @@ micro-batches in a ``lax.scan`` before one update: the same update as one batch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +34,12 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from gpt_jax import sharding
-from gpt_jax.checkpoint import Checkpointer, make_metadata
-from gpt_jax.config import Config, expand, validate
+from gpt_jax.checkpoint import Checkpointer, config_from_metadata, make_metadata
+from gpt_jax.config import Config, expand, resume_differences, validate
 from gpt_jax.data import TokenData, get_batch, load_data
-from gpt_jax.errors import CheckpointError, ConfigError
+from gpt_jax.errors import CheckpointError, ConfigError, GptJaxError
 from gpt_jax.model import init_params, loss_fn
+from gpt_jax.runlock import RunLock
 from gpt_jax.xla_options import compiler_options
 
 
@@ -74,9 +80,9 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 
     adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+    # Always a chain, so the optimizer state has one structure whether or not grad_clip is set and a
+    # resume may change it; an infinite bound clips nothing.
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip if cfg.grad_clip > 0 else math.inf), adamw)
 
 
 def init_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
@@ -198,6 +204,7 @@ class TrainResult:
     tokenizer: Any
     history: list[dict[str, Any]]
     best_val_loss: float
+    stopped: str | None = None  # "SIGTERM" or "interrupt" when a signal ended the run early
 
 
 def prepare(cfg: Config, data: TokenData | None = None) -> tuple[Config, TokenData]:
@@ -213,11 +220,14 @@ def prepare(cfg: Config, data: TokenData | None = None) -> tuple[Config, TokenDa
 
 
 def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None] | None = None,
-          mesh: Mesh | None = None) -> TrainResult:
+          mesh: Mesh | None = None, exit_on_second_interrupt: bool = False) -> TrainResult:
     """Train ``cfg`` from scratch or resume it (``init_from="resume"``); returns the final state.
 
     ``mesh``: the devices to train on (default: all of them, over all processes). With several
     processes every one calls ``train``; only process 0 logs and writes metrics.
+
+    SIGTERM or Ctrl-C stops after the current step with a checkpoint (``TrainResult.stopped``); a
+    second Ctrl-C raises KeyboardInterrupt, or ends the process if ``exit_on_second_interrupt``.
     """
     sharding.initialize_distributed(cfg.distributed)
     mesh = mesh or sharding.make_mesh()
@@ -227,14 +237,51 @@ def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None]
     log = (log or (lambda msg: tqdm.write(msg))) if primary else (lambda msg: None)
     out_dir = expand(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with Checkpointer(out_dir, cfg.keep_checkpoints) as ckpt:
+    with contextlib.ExitStack() as stack:
+        if primary:
+            stack.enter_context(RunLock(out_dir))
+        ckpt = stack.enter_context(Checkpointer(out_dir, cfg.keep_checkpoints))
+        stop = stack.enter_context(StopSignals(hard_exit=exit_on_second_interrupt))
         state, best_val = _initial_state(cfg, ckpt, data, log, mesh)
         history = _Metrics(out_dir / "metrics.jsonl", int(state.step), cfg.init_from == "resume",
                            write=primary)
-        loop = _Loop(cfg, data, ckpt, history, best_val, log, mesh)
+        loop = _Loop(cfg, data, ckpt, history, best_val, log, mesh, stop)
         state = loop.run(state)
         ckpt.wait()
-    return TrainResult(state, cfg, data.tokenizer, history.records, loop.best_val)
+    return TrainResult(state, cfg, data.tokenizer, history.records, loop.best_val, stop.reason)
+
+
+class StopSignals:
+    """SIGTERM or a first Ctrl-C asks the loop to stop after the current step (it then saves a
+    checkpoint); a second Ctrl-C interrupts at once: KeyboardInterrupt, or with ``hard_exit`` the
+    process ends with status 130 (the kernel releases the run lock; a half-written save is ignored and
+    cleaned up by the next run). Handlers are installed only in the main thread and restored on exit."""
+
+    def __init__(self, hard_exit: bool = False):
+        self.reason: str | None = None
+        self.hard_exit = hard_exit
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.reason == "interrupt":
+                if self.hard_exit:  # a command line: leave now, whatever is running (a save, say)
+                    print("interrupted", file=sys.stderr, flush=True)
+                    os._exit(130)
+                raise KeyboardInterrupt  # a notebook: interrupt the cell, keep the kernel
+            self.reason = "interrupt"
+        elif self.reason is None:
+            self.reason = "SIGTERM"
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _prepare_everywhere(cfg: Config, data: TokenData | None) -> tuple[Config, TokenData]:
@@ -254,6 +301,7 @@ def _prepare_everywhere(cfg: Config, data: TokenData | None) -> tuple[Config, To
 def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log, mesh: Mesh
                    ) -> tuple[TrainState, float]:
     if cfg.init_from == "resume":
+        _check_resume_config(cfg, ckpt, log)
         step, state, meta = ckpt.restore(abstract_state(cfg, mesh))
         saved_vocab = meta.get("tokenizer", {}).get("chars")
         if saved_vocab != data.tokenizer.chars:
@@ -267,6 +315,29 @@ def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log, mesh: 
             "--init_from=resume or choose another --out_dir"
         )
     return init_state(cfg, mesh), math.inf
+
+
+def _check_resume_config(cfg: Config, ckpt: Checkpointer, log) -> None:
+    """Refuse a resume that changes the model; say which other settings changed."""
+    for step in ckpt.steps()[::-1]:
+        try:
+            saved = config_from_metadata(ckpt.restore_metadata(step))
+        except Exception:  # unreadable metadata: restore() warns about this step and skips it
+            continue
+        model, other = resume_differences(dataclasses.replace(saved, vocab_size=cfg.vocab_size), cfg)
+        if saved.vocab_size != cfg.vocab_size:
+            model.insert(0, f"vocab_size {saved.vocab_size} -> {cfg.vocab_size} (another dataset?)")
+        if model:
+            raise CheckpointError(f"cannot resume step {step} of {ckpt.directory.parent}: the model "
+                                  f"differs ({'; '.join(model)}); keep the saved values or start a "
+                                  "new --out_dir")
+        if other:
+            log(f"resuming with changed settings: {'; '.join(other)}")
+        return
+
+
+class NonFiniteLossError(GptJaxError):
+    """The training loss became NaN or infinite."""
 
 
 class _Metrics:
@@ -292,9 +363,10 @@ class _Loop:
     """Drives the compiled steps; syncs with the device only at log and eval steps."""
 
     def __init__(self, cfg: Config, data: TokenData, ckpt: Checkpointer, metrics: _Metrics,
-                 best_val: float, log: Callable[[str], None], mesh: Mesh):
+                 best_val: float, log: Callable[[str], None], mesh: Mesh, stop: StopSignals | None = None):
         self.cfg, self.data, self.ckpt, self.metrics, self.log = cfg, data, ckpt, metrics, log
-        self.best_val, self.mesh = best_val, mesh
+        self.best_val, self.mesh, self.stop = best_val, mesh, stop or StopSignals()
+        self.unchecked: list[tuple[int, jax.Array]] = []  # (step, loss) not yet checked for NaN
         self.train_step = make_train_step(cfg, mesh)
         self.accum = cfg.gradient_accumulation_steps
         self.batch_sh = sharding.batch_sharding(mesh, leading=int(self.accum > 1))
@@ -317,11 +389,15 @@ class _Loop:
         while step < cfg.max_iters:
             state, metrics = self.train_step(state, *self._batch(step))
             step += 1
+            self.unchecked.append((step, metrics["loss"]))
             bar.update(1)
             if timer is None:
                 jax.block_until_ready(metrics)
                 timer_step, timer = step, time.perf_counter()
             is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            stopping = self.stop.reason is not None
+            if step % cfg.log_interval == 0 or is_eval or stopping:
+                self._check_finite()  # the host syncs here anyway
             if step % cfg.log_interval == 0 or is_eval:
                 record = self._log_record(step, metrics, timer_step, timer)
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}",
@@ -331,8 +407,39 @@ class _Loop:
                 else:
                     self.metrics.append(record)
                 timer_step, timer = step, time.perf_counter()
+            if stopping:
+                self._save_on_stop(state, step)
+                break
         bar.close()
         return state
+
+    def _check_finite(self) -> None:
+        """Raise NonFiniteLossError naming the first step, since the last check, whose loss is NaN or
+        infinite. Nothing from that step on is saved; earlier checkpoints are left as they are."""
+        steps = [s for s, _ in self.unchecked]
+        losses = jax.device_get([loss for _, loss in self.unchecked])
+        self.unchecked = []
+        for step, loss in zip(steps, losses, strict=True):
+            if not math.isfinite(float(loss)):
+                self._fail_non_finite(f"the training loss is {float(loss)} at step {step}")
+
+    def _fail_non_finite(self, what: str) -> None:
+        self.ckpt.wait()  # saves already started hold good states: let them complete
+        good = self.ckpt.steps()
+        kept = (f"the last good checkpoint, step {good[-1]} in {self.ckpt.directory}, is untouched"
+                if good else "no checkpoint had been saved")
+        raise NonFiniteLossError(f"{what}; training stopped and {kept}. Lower --learning_rate (or raise "
+                                 "--warmup_iters or --grad_clip) and resume with --init_from=resume")
+
+    def _save_on_stop(self, state: TrainState, step: int) -> None:
+        """A stop signal: make sure a checkpoint of ``step`` exists, then end the run."""
+        self.ckpt.wait()
+        if step not in self.ckpt.steps():
+            meta = {"step": step, "best_val_loss": self.best_val, "stopped": self.stop.reason}
+            self.ckpt.save(step, state, make_metadata(self.cfg, self.data.tokenizer, meta))
+            self.ckpt.wait()
+        self.log(f"stopped by {self.stop.reason} at step {step}; checkpoint saved in {self.ckpt.directory}; "
+                 "continue with --init_from=resume")
 
     def _batch(self, step: int) -> tuple[jax.Array, jax.Array]:
         """The training batch of ``step``: [B, T], or A micro-batches [A, B, T] drawn as one A * B batch
@@ -352,6 +459,8 @@ class _Loop:
 
     def _eval(self, state: TrainState, step: int, record: dict, save: bool) -> None:
         losses = evaluate(state.params, self.cfg, self.data, self.eval_data, self.mesh)
+        if not all(math.isfinite(v) for v in losses.values()):
+            self._fail_non_finite(f"the evaluation loss is {losses} at step {step}")
         if record:  # the log record of this step: its batch loss moves aside for the estimates
             record = {**record, "batch_loss": record["train_loss"]}
         else:  # before the first update
