@@ -7,7 +7,6 @@ end of input. Generation runs with a KV cache as one compiled call, compiled onc
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 import time
 from pathlib import Path
@@ -66,7 +65,9 @@ def read_prompt(start: str) -> str:
 
 def parse_stop(text: str) -> str:
     try:
-        stop = codecs.decode(text, "unicode_escape")
+        # Backslash escapes (\n, \t, \u00e9) are decoded; every other character stays as it is
+        # (non-Latin-1 characters ride through the decoder as escapes of their own).
+        stop = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError:
         raise ConfigError(f"--stop={text!r} has a broken backslash escape") from None
     if not stop:

@@ -190,8 +190,11 @@ def load_checkpoint(out_dir: str | Path, step: int | None = None
     mesh = make_mesh(jax.local_devices()[:1])  # whatever devices wrote it, restore onto one
     with Checkpointer(out_dir, read_only=True) as ckpt:
         steps = [step] if step is not None else ckpt.steps()[::-1]
-        if not steps:
+        if not ckpt.steps():
             raise CheckpointError(f"no checkpoint steps in {ckpt.directory}; train first")
+        if step is not None and step not in ckpt.steps():
+            raise CheckpointError(f"no checkpoint step {step} in {ckpt.directory}; its steps are "
+                                  f"{', '.join(map(str, ckpt.steps()))}")
         for s in steps:
             try:
                 cfg = config_from_metadata(ckpt.restore_metadata(s))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
 from gpt_jax.errors import ConfigError, GptJaxError
@@ -20,7 +21,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[list[str]], int | None], prog: str) -> None:
-    """Call ``main(sys.argv[1:])``; a user error prints ``prog: error: ...`` and exits 2."""
+    """Call ``main(sys.argv[1:])``; a user error prints ``prog: error: ...`` and exits 2.
+
+    Warnings print as one line each, ``prog: warning: ...``.
+    """
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = show_warning
     try:
         code = main(sys.argv[1:])
     except GptJaxError as e:

@@ -1,11 +1,17 @@
 """train.py and sample.py as a person runs them: in subprocesses, judged by exit code and output."""
 
+import functools
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, run_script
 from gpt_jax.config import FIELDS
+from gpt_jax.errors import ConfigError, GptJaxError
 
 
 def tiny_args(shakespeare_file, data_dir, out_dir, **extra):
@@ -102,50 +108,191 @@ def test_help_lists_every_option_with_its_default():
         assert option in sample.stdout
 
 
-def bad_inputs(tmp):
-    (tmp / "empty.txt").write_text("")
-    (tmp / "short.txt").write_text("tiny")
-    (tmp / "binary.txt").write_bytes(bytes(range(256)))
-    return [
-        ("train.py", ["--n_layr=2"], "unknown config key 'n_layr'; did you mean 'n_layer'?"),
-        ("train.py", ["--n_layer=abc"], "n_layer must be an integer, got 'abc'"),
-        ("train.py", ["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
-        ("train.py", ["--learning_rate=-1"], "learning_rate must be a finite number >= 0"),
-        ("train.py", ["no_such_preset"], "config file 'no_such_preset' not found"),
-        ("train.py", [f"--dataset={tmp / 'missing.txt'}"], "nor an existing file or folder"),
-        ("train.py", [f"--dataset={tmp / 'empty.txt'}", f"--data_dir={tmp}"], "empty.txt is empty"),
-        ("train.py", [f"--dataset={tmp / 'binary.txt'}", f"--data_dir={tmp}"], "is not UTF-8 text"),
-        ("train.py", [f"--dataset={tmp / 'short.txt'}", f"--data_dir={tmp}"], "fewer than block_size + 1"),
-        ("sample.py", [], "the following arguments are required: --out_dir"),
-        ("sample.py", [f"--out_dir={tmp / 'nothing'}"], "no checkpoints in"),
-        ("sample.py", ["--out_dir=x", "--num_samples=abc"], "invalid int value: 'abc'"),
-        ("sample.py", ["--out_dir=x", f"--start=FILE:{tmp / 'nope.txt'}"], "prompt file"),
-    ]
+def _write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path):
-    for script, args, message in bad_inputs(tmp_path):
-        result = run_script(script, *args)
-        assert result.returncode == 2, (script, args, result.stderr)
-        lines = [x for x in result.stderr.splitlines() if x.strip()]
-        assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), (args, result.stderr)
-        assert message in lines[0], (args, lines[0])
-        assert "Traceback" not in result.stderr
+def _binary(tmp: Path) -> Path:
+    return _write(tmp / "binary.txt", bytes(range(128, 256)))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--start=ROMEO€"], "characters outside the vocabulary: '€'"),
-    (["--temperature=-1"], "temperature must be >= 0"),
-    (["--top_k=0"], "top_k must be in [1, 65]"),
-    (["--top_p=2"], "top_p must be in (0, 1]"),
-    (["--start="], "the prompt is empty"),
-    (["--stop="], "--stop is empty"),
-    (["--stream", "--num_samples=2"], "--stream prints one sample"),
-    (["--window_keep=0"], "window_keep must be in [1, block_size=16]"),
-])
-def test_bad_sampling_inputs(trained_dir, args, message):
-    out, _ = trained_dir
-    result = run_script("sample.py", f"--out_dir={out}", *args)
-    assert result.returncode == 2, result.stderr
+def _damaged_copy(trained: Path, tmp: Path) -> Path:
+    """A copy of the trained run whose every step has lost its metadata."""
+    out = tmp / "damaged"
+    shutil.copytree(trained, out)
+    for meta in (out / "checkpoints").glob("*/meta/metadata"):
+        meta.write_text("{not json")
+    return out
+
+
+# (script, arguments given the tmp dir T and the trained run R, what the one error line must say)
+BAD_INPUTS = {
+    # command lines
+    "unknown key": ("train.py", lambda T, R: ["--n_layr=2"],
+                    "unknown config key 'n_layr'; did you mean 'n_layer'?"),
+    "not an integer": ("train.py", lambda T, R: ["--n_layer=abc"], "n_layer must be an integer, got 'abc'"),
+    "heads do not divide": ("train.py", lambda T, R: ["--n_embd=100", "--n_head=3"],
+                            "n_embd (100) must be divisible by n_head (3)"),
+    "negative rate": ("train.py", lambda T, R: ["--learning_rate=-1"],
+                      "learning_rate must be a finite number >= 0"),
+    "dropout of 1.5": ("train.py", lambda T, R: ["--dropout=1.5"], "dropout must be in [0, 1), got 1.5"),
+    "zero batch": ("train.py", lambda T, R: ["--batch_size=0"], "batch_size must be positive, got 0"),
+    "min_lr above lr": ("train.py", lambda T, R: ["--learning_rate=0.1", "--min_lr=1"],
+                        "min_lr (1.0) must not exceed learning_rate (0.1)"),
+    "unknown dtype": ("train.py", lambda T, R: ["--dtype=float16"],
+                      "dtype must be one of auto, float32, bfloat16"),
+    "option without value": ("train.py", lambda T, R: ["--max_iters"], "expected one argument"),
+    "cuDNN on a CPU": ("train.py", lambda T, R: [*_tiny(T, "cudnn"), "--attention=cudnn"],
+                       "attention=cudnn cannot run: it needs an NVIDIA GPU"),
+    # config files
+    "no such preset": ("train.py", lambda T, R: ["no_such_preset"], "config file 'no_such_preset' not found"),
+    "preset syntax error": ("train.py", lambda T, R: [str(_write(T / "bad.py", "n_layer = = 2\n"))],
+                            "cannot read config file"),
+    "preset unknown key": ("train.py", lambda T, R: [str(_write(T / "typo.py", "n_layr = 2\n"))],
+                           "unknown config key 'n_layr'"),
+    "preset expression": ("train.py", lambda T, R: [str(_write(T / "expr.py", "n_layer = 2 * x\n"))],
+                          "n_layer must be a literal value"),
+    "preset wrong type": ("train.py", lambda T, R: [str(_write(T / "type.py", "n_layer = 'four'\n"))],
+                          "n_layer must be an integer, got 'four'"),
+    "preset binary": ("train.py", lambda T, R: [str(_write(T / "bin.py", bytes(range(128, 256))))],
+                      "cannot read config file"),
+    # datasets
+    "missing dataset": ("train.py", lambda T, R: [f"--dataset={T / 'missing.txt'}"],
+                        "nor an existing file or folder"),
+    "empty dataset": ("train.py", lambda T, R: [f"--dataset={_write(T / 'empty.txt', '')}",
+                                                f"--data_dir={T}"],
+                      "empty.txt is empty"),
+    "binary dataset": ("train.py", lambda T, R: [f"--dataset={_binary(T)}", f"--data_dir={T}"],
+                       "is not UTF-8 text"),
+    "dataset too short": ("train.py", lambda T, R: [f"--dataset={_write(T / 's.txt', 'tiny')}",
+                                                    f"--data_dir={T}"],
+                          "fewer than block_size + 1"),
+    "folder without text": ("train.py", lambda T, R: [f"--dataset={_write(T / 'f' / 'a.csv', 'x').parent}",
+                                                      f"--data_dir={T}"], "holds no .txt files"),
+    # checkpoints
+    "resume with nothing": ("train.py", lambda T, R: [*_tiny(T, "none"), "--init_from=resume"],
+                            "no checkpoint steps"),
+    "scratch over a run": ("train.py", lambda T, R: _tiny(T, "x", out=R), "already holds checkpoints"),
+    "resume another model": ("train.py", lambda T, R: [*_tiny(T, "x", out=R), "--init_from=resume",
+                             "--n_layer=3"],
+                             "the model differs (n_layer 2 -> 3)"),
+    "sample without checkpoints": ("sample.py", lambda T, R: [f"--out_dir={T / 'nothing'}"],
+                                   "no checkpoints in"),
+    "sample a missing step": ("sample.py", lambda T, R: [f"--out_dir={R}", "--step=999"],
+                              "no checkpoint step 999 in"),
+    "sample damaged metadata": ("sample.py", lambda T, R: [f"--out_dir={_damaged_copy(R, T)}"],
+                                "no usable checkpoint in"),
+    "sample without out_dir": ("sample.py", lambda T, R: [],
+                               "the following arguments are required: --out_dir"),
+    # prompts and sampling settings
+    "prompt file missing": ("sample.py", lambda T, R: [f"--out_dir={R}", f"--start=FILE:{T / 'nope.txt'}"],
+                            "prompt file"),
+    "prompt file binary": ("sample.py", lambda T, R: [f"--out_dir={R}", f"--start=FILE:{_binary(T)}"],
+                           "is not UTF-8 text"),
+    "empty prompt": ("sample.py", lambda T, R: [f"--out_dir={R}", "--start="], "the prompt is empty"),
+    "character outside the vocabulary": ("sample.py", lambda T, R: [f"--out_dir={R}", "--start=ROMEO€"],
+                                         "characters outside the vocabulary: '€'"),
+    "negative temperature": ("sample.py", lambda T, R: [f"--out_dir={R}", "--temperature=-1"],
+                             "temperature must be >= 0"),
+    "top_k of 0": ("sample.py", lambda T, R: [f"--out_dir={R}", "--top_k=0"], "top_k must be in [1, 65]"),
+    "top_p of 2": ("sample.py", lambda T, R: [f"--out_dir={R}", "--top_p=2"], "top_p must be in (0, 1]"),
+    "samples not a number": ("sample.py", lambda T, R: [f"--out_dir={R}", "--num_samples=abc"],
+                             "invalid int value: 'abc'"),
+    "empty stop": ("sample.py", lambda T, R: [f"--out_dir={R}", "--stop="], "--stop is empty"),
+    "stream of two": ("sample.py", lambda T, R: [f"--out_dir={R}", "--stream", "--num_samples=2"],
+                      "--stream prints one sample"),
+    "window_keep of 0": ("sample.py", lambda T, R: [f"--out_dir={R}", "--window_keep=0"],
+                         "window_keep must be in [1, block_size=16]"),
+}
+_SOURCE: dict[str, str] = {}
+
+
+def _tiny(tmp: Path, name: str, out: Path | None = None) -> list[str]:
+    return tiny_args(_SOURCE["file"], _SOURCE["data_dir"], out or tmp / name)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(case, tmp_path, trained_dir, shakespeare_file, data_dir):
+    """Every bad input: exit code 2, one line ``<script>: error: <what is wrong>``, no traceback."""
+    _SOURCE.update(file=str(shakespeare_file), data_dir=str(data_dir))
+    script, make_args, message = BAD_INPUTS[case]
+    result = run_script(script, *make_args(tmp_path, trained_dir[0]))
+    assert result.returncode == 2, (case, result.stderr[-2000:])
     lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    # one error line, last; before it only one-line warnings (a damaged step skipped, say)
+    assert lines[-1].startswith(f"{script}: error: "), (case, result.stderr[-2000:])
+    assert all(x.startswith(f"{script}: warning: ") for x in lines[:-1]), (case, result.stderr[-2000:])
+    assert message in lines[-1], (case, lines[-1])
+    assert "Traceback" not in result.stderr
+
+
+
+
+# --- the prompt path, over arbitrary input -------------------------------------------------------------
+
+def _sample_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLE = _sample_module()
+PROMPT_VOCAB = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@functools.lru_cache(maxsize=1)
+def _generator():
+    from gpt_jax.config import make_config
+    from gpt_jax.sampling import Generator, make_settings
+    from gpt_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text(PROMPT_VOCAB)
+    cfg = make_config(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8)
+    return tok, Generator(cfg, make_settings(cfg))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_any_prompt_text_is_cropped_or_refused_with_a_clear_error(text):
+    """Whatever the prompt: its last block_size characters go to the model, or a GptJaxError says why
+    (empty, or which characters are unknown) — never another exception."""
+    tok, generator = _generator()
+    assert SAMPLE.read_prompt(text) == text or text.startswith("FILE:")
+    try:
+        cropped = generator.crop(tok.encode(text))
+    except GptJaxError as e:
+        unknown = tok.unknown(text)
+        assert (f"outside the vocabulary: {''.join(unknown)!r}" in str(e)) if unknown else (
+            text == "" and "the prompt is empty" in str(e))
+        return
+    assert tok.decode(cropped) == text[-16:]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=PROMPT_VOCAB + "é€\x00"))
+def test_a_prompt_file_reads_back_exactly(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("prompt") / "prompt.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    assert SAMPLE.read_prompt(f"FILE:{path}") == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_any_stop_text_parses_or_is_refused_with_a_clear_error(text):
+    try:
+        stop = SAMPLE.parse_stop(text)
+    except ConfigError as e:
+        assert "--stop" in str(e)
+        return
+    assert isinstance(stop, str) and stop
+    if "\\" not in text:
+        assert stop == text  # without escapes, the text itself (accents and all)
+
+
+def test_stop_escapes_are_decoded():
+    assert SAMPLE.parse_stop("\\n\\n") == "\n\n" and SAMPLE.parse_stop("é\\t€") == "é\t€"

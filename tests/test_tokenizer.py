@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpt_jax.errors import TokenizerError
 from gpt_jax.tokenizer import CharTokenizer
@@ -39,3 +41,29 @@ def test_decode_rejects_ids_out_of_range():
 def test_empty_text_has_no_vocabulary():
     with pytest.raises(TokenizerError, match="empty"):
         CharTokenizer.from_text("")
+
+
+# --- properties over arbitrary text ----------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1))
+def test_any_text_round_trips_through_its_own_vocabulary(text):
+    tok = CharTokenizer.from_text(text)
+    assert list(tok.chars) == sorted(set(text))
+    ids = tok.encode(text)
+    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < tok.vocab_size
+    assert tok.decode(ids) == text
+    assert CharTokenizer.from_json(tok.to_json()) == tok
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_characters_outside_the_vocabulary_are_named(vocabulary_text, text):
+    tok = CharTokenizer.from_text(vocabulary_text)
+    unknown = [c for c in dict.fromkeys(text) if c not in tok.chars]
+    if not unknown:
+        assert tok.decode(tok.encode(text)) == text
+        return
+    with pytest.raises(TokenizerError) as error:
+        tok.encode(text)
+    assert f"outside the vocabulary: {''.join(unknown)!r}" in str(error.value)
