@@ -10,7 +10,15 @@ The names a notebook needs::
 from gpt_jax.checkpoint import Checkpointer, load_checkpoint
 from gpt_jax.config import Config, make_config
 from gpt_jax.data import TokenData, get_batch, load_data
-from gpt_jax.errors import CheckpointError, ConfigError, DataError, GptJaxError, TokenizerError
+from gpt_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    GptJaxError,
+    NonFiniteLossError,
+    RunLockedError,
+    TokenizerError,
+)
 from gpt_jax.model import (
     cached_logits_fn,
     compute_dtype,
@@ -27,10 +35,10 @@ from gpt_jax.training import TrainResult, TrainState, evaluate, init_state, make
 
 __all__ = [
     "CharTokenizer", "CheckpointError", "Checkpointer", "Config", "ConfigError", "DataError",
-    "Generation", "Generator", "GptJaxError", "TokenData", "TokenizerError", "TrainResult",
-    "TrainState", "cached_logits_fn", "compute_dtype", "count_params", "cross_entropy", "evaluate",
-    "generate", "generate_reference", "get_batch", "init_cache", "init_params", "init_state",
-    "load_checkpoint", "load_data", "logits_fn", "loss_fn", "make_config", "make_train_step",
-    "prepare", "sample_logits", "train",
+    "Generation", "Generator", "GptJaxError", "NonFiniteLossError", "RunLockedError", "TokenData",
+    "TokenizerError", "TrainResult", "TrainState", "cached_logits_fn", "compute_dtype",
+    "count_params", "cross_entropy", "evaluate", "generate", "generate_reference", "get_batch",
+    "init_cache", "init_params", "init_state", "load_checkpoint", "load_data", "logits_fn",
+    "loss_fn", "make_config", "make_train_step", "prepare", "sample_logits", "train",
 ]
 __version__ = "0.1.0"

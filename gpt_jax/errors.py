@@ -22,3 +22,11 @@ class TokenizerError(GptJaxError):
 
 class CheckpointError(GptJaxError):
     """A checkpoint directory that is missing or holds no usable step."""
+
+
+class RunLockedError(CheckpointError):
+    """An output directory in use by another training run."""
+
+
+class NonFiniteLossError(GptJaxError):
+    """A training or evaluation loss that became NaN or infinite (a learning rate too high, say)."""

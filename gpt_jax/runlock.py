@@ -16,13 +16,9 @@ import socket
 import warnings
 from pathlib import Path
 
-from gpt_jax.errors import CheckpointError
+from gpt_jax.errors import RunLockedError
 
 LOCK_NAME = ".lock"
-
-
-class RunLockedError(CheckpointError):
-    """The output directory is in use by another training run."""
 
 
 class RunLock:

@@ -37,7 +37,7 @@ from gpt_jax import sharding
 from gpt_jax.checkpoint import Checkpointer, config_from_metadata, make_metadata
 from gpt_jax.config import Config, expand, resume_differences, validate
 from gpt_jax.data import TokenData, get_batch, load_data
-from gpt_jax.errors import CheckpointError, ConfigError, GptJaxError
+from gpt_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
 from gpt_jax.model import init_params, loss_fn
 from gpt_jax.runlock import RunLock
 from gpt_jax.xla_options import compiler_options
@@ -334,10 +334,6 @@ def _check_resume_config(cfg: Config, ckpt: Checkpointer, log) -> None:
         if other:
             log(f"resuming with changed settings: {'; '.join(other)}")
         return
-
-
-class NonFiniteLossError(GptJaxError):
-    """The training loss became NaN or infinite."""
 
 
 class _Metrics:

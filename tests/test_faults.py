@@ -25,9 +25,9 @@ import pytest
 
 from conftest import ROOT, TINY
 from gpt_jax.checkpoint import load_checkpoint
-from gpt_jax.errors import CheckpointError
-from gpt_jax.runlock import RunLock, RunLockedError
-from gpt_jax.training import NonFiniteLossError, train
+from gpt_jax.errors import CheckpointError, NonFiniteLossError, RunLockedError
+from gpt_jax.runlock import RunLock
+from gpt_jax.training import train
 
 # Small and frequent: a checkpoint every 5 steps (always), a metrics line every step.
 RUN = {**TINY, "dropout": 0.1, "max_iters": 60, "lr_decay_iters": 60, "eval_interval": 5, "log_interval": 1,
