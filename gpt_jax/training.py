@@ -100,7 +100,9 @@ def abstract_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
     """Shapes and dtypes of the train state, without computing it: a restore target. With a mesh
     the leaves carry their shardings there, so a checkpoint restores onto any device count."""
     abstract = jax.eval_shape(lambda: init_state(cfg))
-    return abstract if mesh is None else sharding.with_shardings(abstract, state_shardings(cfg, mesh))
+    if mesh is None:
+        return abstract
+    return sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh, cfg.fsdp))
 
 
 def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
@@ -379,8 +381,7 @@ class _Loop:
         if step == 0:
             self._eval(state, step, {}, save=False)
         bar = tqdm(total=cfg.max_iters, initial=step, disable=not (cfg.progress and self.metrics.write),
-                   unit="step",
-                   dynamic_ncols=True, leave=False)
+                   unit="step", dynamic_ncols=True, leave=False)
         timer_step, timer = step, None  # the first interval starts after the first (compiling) step
         while step < cfg.max_iters:
             state, metrics = self.train_step(state, *self._batch(step))
