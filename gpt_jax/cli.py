@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,15 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see {self.prog} --help")
 
 
+def _quiet_exit(code: int) -> None:
+    """Exit with nothing printed after the error line: after a failed checkpoint write, the storage
+    library's remaining background writes report the same failure, with tracebacks, as the process
+    shuts down, and would bury the one line that says what to do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
+    sys.exit(code)
+
+
 def run(main: Callable[[list[str]], int | None], prog: str) -> None:
     """Call ``main(sys.argv[1:])``; a user error prints ``prog: error: ...`` and exits 2.
 
@@ -33,8 +43,8 @@ def run(main: Callable[[list[str]], int | None], prog: str) -> None:
         code = main(sys.argv[1:])
     except GptJaxError as e:
         message = " ".join(str(e).split())
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        _quiet_exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
