@@ -189,12 +189,13 @@ def load_checkpoint(out_dir: str | Path, step: int | None = None
 
     mesh = make_mesh(jax.local_devices()[:1])  # whatever devices wrote it, restore onto one
     with Checkpointer(out_dir, read_only=True) as ckpt:
-        steps = [step] if step is not None else ckpt.steps()[::-1]
-        if not ckpt.steps():
+        available = ckpt.steps()
+        if not available:
             raise CheckpointError(f"no checkpoint steps in {ckpt.directory}; train first")
-        if step is not None and step not in ckpt.steps():
+        if step is not None and step not in available:
             raise CheckpointError(f"no checkpoint step {step} in {ckpt.directory}; its steps are "
-                                  f"{', '.join(map(str, ckpt.steps()))}")
+                                  f"{', '.join(map(str, available))}")
+        steps = [step] if step is not None else available[::-1]
         for s in steps:
             try:
                 cfg = config_from_metadata(ckpt.restore_metadata(s))

@@ -72,6 +72,12 @@ def tiny_cfg(shakespeare_file, data_dir, tmp_path):
                        out_dir=str(tmp_path / "out"), **TINY)
 
 
+def cli_args(shakespeare_file, data_dir, out_dir, values: dict) -> list[str]:
+    """``--key=value`` options for train.py: ``values`` on Tiny Shakespeare, writing into ``out_dir``."""
+    values = {**values, "source_file": shakespeare_file, "data_dir": data_dir, "out_dir": out_dir}
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 300):
     """Run ``python script args`` in a subprocess; returns the CompletedProcess."""
     import subprocess

@@ -9,14 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, cli_args, run_script
 from gpt_jax.config import FIELDS
 from gpt_jax.errors import ConfigError, GptJaxError
 
 
-def tiny_args(shakespeare_file, data_dir, out_dir, **extra):
-    values = {**TINY, "source_file": shakespeare_file, "data_dir": data_dir, "out_dir": out_dir, **extra}
-    return [f"--{k}={v}" for k, v in values.items()]
+def tiny_args(shakespeare_file, data_dir, out_dir):
+    return cli_args(shakespeare_file, data_dir, out_dir, TINY)
 
 
 @pytest.fixture(scope="module")

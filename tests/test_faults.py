@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, cli_args
 from gpt_jax.checkpoint import load_checkpoint
 from gpt_jax.errors import CheckpointError, NonFiniteLossError, RunLockedError
 from gpt_jax.runlock import RunLock
@@ -36,8 +36,8 @@ TIMING = ("tokens_per_sec", "elapsed_s")
 
 
 def train_args(shakespeare_file, data_dir, out, **changes) -> list[str]:
-    values = {**RUN, **changes, "source_file": shakespeare_file, "data_dir": data_dir, "out_dir": out}
-    return [sys.executable, str(ROOT / "train.py"), *(f"--{k}={v}" for k, v in values.items())]
+    return [sys.executable, str(ROOT / "train.py"),
+            *cli_args(shakespeare_file, data_dir, out, {**RUN, **changes})]
 
 
 def start(args) -> subprocess.Popen:

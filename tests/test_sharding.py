@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, cli_args
 from gpt_jax import sharding
 from gpt_jax.checkpoint import load_checkpoint
 from gpt_jax.config import make_config
@@ -93,13 +93,14 @@ def _free_port() -> int:
 def test_two_processes_train_and_one_resumes(tmp_path, shakespeare_file, data_dir, shakespeare):
     """Two processes on localhost (one CPU device each) train and checkpoint; one process resumes,
     and ends where a single process that never stopped does."""
-    common = [f"--{k}={v}" for k, v in {**TINY, "batch_size": 4, "eval_interval": 5}.items()] + [
-        f"--source_file={shakespeare_file}", f"--data_dir={data_dir}", "--always_save_checkpoint=True"]
+    def train_py(out, **changes):
+        values = {**TINY, "batch_size": 4, "eval_interval": 5, "always_save_checkpoint": True, **changes}
+        return [sys.executable, str(ROOT / "train.py"), *cli_args(shakespeare_file, data_dir, out, values)]
+
     out, ref = tmp_path / "out", tmp_path / "ref"
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"--out_dir={out}",
-                               "--max_iters=10"], env={**env, "JAX_PROCESS_ID": str(i)}, cwd=ROOT,
+    procs = [subprocess.Popen(train_py(out, max_iters=10), env={**env, "JAX_PROCESS_ID": str(i)}, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -111,15 +112,15 @@ def test_two_processes_train_and_one_resumes(tmp_path, shakespeare_file, data_di
     assert [r["step"] for r in records if "val_loss" in r] == [0, 5, 10]  # written once, not twice
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
 
-    def single(*args):
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *args], cwd=ROOT,
+    def single(args):
+        proc = subprocess.run(args, cwd=ROOT,
                               capture_output=True, text=True, timeout=300,
                               env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
-    assert "resuming from step 10" in single(f"--out_dir={out}", "--init_from=resume")
-    single(f"--out_dir={ref}")
+    assert "resuming from step 10" in single(train_py(out, init_from="resume"))
+    single(train_py(ref))
     resumed, uninterrupted = load_checkpoint(out)[0], load_checkpoint(ref)[0]
     for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(uninterrupted),
                     strict=True):
