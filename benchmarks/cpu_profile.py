@@ -22,17 +22,14 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from cpu_speed import compiled_step, time_steps  # noqa: E402
 
 from gpt_jax import model  # noqa: E402
-from gpt_jax.config import make_config  # noqa: E402
-from gpt_jax.training import init_state, make_train_step  # noqa: E402
 
 
 def op_times(trace_dir: str, steps: int) -> dict[str, tuple[float, float]]:
@@ -69,22 +66,9 @@ def main() -> None:
 
     if args.without_attention:
         model.attention_xla = lambda q, k, v, visible, dropout=None: q + k + v
-    cfg = make_config(args.preset, vocab_size=65)
-    state = init_state(cfg)
-    rng = np.random.default_rng(0)
-    x, y = (rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), dtype=np.int32)
-            for _ in range(2))
-    step = make_train_step(cfg).lower(state, x, y).compile()
-    for _ in range(5):
-        state, metrics = step(state, x, y)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, x, y)
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - t0) / args.steps * 1000)
+    _, state, x, y, step, _ = compiled_step(args.preset)
+    times, state = time_steps(step, state, x, y, args.steps, repeats=3)
+    times = [t * 1000 for t in times]
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(args.steps):
@@ -99,7 +83,7 @@ def main() -> None:
     if not kinds:
         print("the trace holds no XLA op events (this JAX version traces differently)")
     else:
-        print(f"op time per step, summed over threads: {sum(ms for ms, _ in kinds.values()):.1f} ms")
+        print(f"op time per step, summed over ops: {sum(ms for ms, _ in kinds.values()):.1f} ms")
         for kind, (ms, n) in list(kinds.items())[:15]:
             print(f"  {ms:7.2f} ms  {n:5.1f} ops  {kind}")
     flag = " --without_attention" if args.without_attention else ""

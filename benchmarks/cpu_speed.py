@@ -24,6 +24,33 @@ from gpt_jax.model import count_params  # noqa: E402
 from gpt_jax.training import init_state, make_train_step  # noqa: E402
 
 
+def compiled_step(preset: str, vocab_size: int = 65):
+    """(config, fresh state, x, y, the compiled train step, compile seconds) for random tokens."""
+    cfg = make_config(preset, vocab_size=vocab_size)
+    state = init_state(cfg)
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), dtype=np.int32)
+            for _ in range(2))
+    t0 = time.perf_counter()
+    compiled = make_train_step(cfg).lower(state, x, y).compile()
+    return cfg, state, x, y, compiled, time.perf_counter() - t0
+
+
+def time_steps(compiled, state, x, y, steps: int, repeats: int) -> tuple[list[float], object]:
+    """Seconds per step of each repeat of ``steps`` steps (after 5 warm-up steps), and the state."""
+    for _ in range(5):
+        state, metrics = compiled(state, x, y)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, x, y)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / steps)
+    return times, state
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="shakespeare_char_cpu")
@@ -32,26 +59,8 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=65)
     args = parser.parse_args()
 
-    cfg = make_config(args.preset, vocab_size=args.vocab_size)
-    state = init_state(cfg)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), dtype=np.int32)
-    y = rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), dtype=np.int32)
-    step = make_train_step(cfg)
-
-    t0 = time.perf_counter()
-    compiled = step.lower(state, x, y).compile()
-    compile_s = time.perf_counter() - t0
-    for _ in range(5):
-        state, metrics = compiled(state, x, y)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = compiled(state, x, y)
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - t0) / args.steps)
+    cfg, state, x, y, compiled, compile_s = compiled_step(args.preset, args.vocab_size)
+    times, state = time_steps(compiled, state, x, y, args.steps, args.repeats)
     ms = statistics.median(times) * 1000
     tokens = cfg.batch_size * cfg.block_size
     print(f"preset {args.preset}: {count_params(state.params) / 1e6:.2f}M params, "
