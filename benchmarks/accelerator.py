@@ -60,6 +60,7 @@ def flops_per_token(cfg, n_params: int) -> float:
 def speed(shape: str, overrides: dict, steps: int, repeats: int, warmup: int, peak: float | None) -> dict:
     import jax
     import numpy as np
+    from cpu_speed import time_steps
 
     from gpt_jax import sharding
     from gpt_jax.config import make_config
@@ -80,16 +81,7 @@ def speed(shape: str, overrides: dict, steps: int, repeats: int, warmup: int, pe
     t0 = time.perf_counter()
     step = make_train_step(cfg, mesh).lower(state, x, y).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        state, _ = step(state, x, y)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, x, y)
-        float(metrics["loss"])
-        times.append((time.perf_counter() - t0) / steps)
+    times, state = time_steps(step, state, x, y, steps, repeats, warmup)
     seconds = statistics.median(times)
     tokens = A * B * T
     flops = flops_per_token(cfg, count_params(state.params)) * tokens

@@ -36,11 +36,13 @@ def compiled_step(preset: str, vocab_size: int = 65):
     return cfg, state, x, y, compiled, time.perf_counter() - t0
 
 
-def time_steps(compiled, state, x, y, steps: int, repeats: int) -> tuple[list[float], object]:
-    """Seconds per step of each repeat of ``steps`` steps (after 5 warm-up steps), and the state."""
-    for _ in range(5):
-        state, metrics = compiled(state, x, y)
-    jax.block_until_ready(metrics)
+def time_steps(compiled, state, x, y, steps: int, repeats: int, warmup: int = 5
+               ) -> tuple[list[float], object]:
+    """Seconds per step of each repeat of ``steps`` steps (after ``warmup`` untimed steps), and the
+    state."""
+    for _ in range(warmup):
+        state, _ = compiled(state, x, y)
+    jax.block_until_ready(state)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
