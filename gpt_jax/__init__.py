@@ -14,8 +14,10 @@ from gpt_jax.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    GenerationTooLargeError,
     GptJaxError,
     NonFiniteLossError,
+    NonFiniteModelError,
     RunLockedError,
     TokenizerError,
 )
@@ -35,7 +37,8 @@ from gpt_jax.training import TrainResult, TrainState, evaluate, init_state, make
 
 __all__ = [
     "CharTokenizer", "CheckpointError", "Checkpointer", "Config", "ConfigError", "DataError",
-    "Generation", "Generator", "GptJaxError", "NonFiniteLossError", "RunLockedError", "TokenData",
+    "Generation", "GenerationTooLargeError", "Generator", "GptJaxError", "NonFiniteLossError",
+    "NonFiniteModelError", "RunLockedError", "TokenData",
     "TokenizerError", "TrainResult", "TrainState", "cached_logits_fn", "compute_dtype",
     "count_params", "cross_entropy", "evaluate", "generate", "generate_reference", "get_batch",
     "init_cache", "init_params", "init_state", "load_checkpoint", "load_data", "logits_fn",

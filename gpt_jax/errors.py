@@ -30,3 +30,11 @@ class RunLockedError(CheckpointError):
 
 class NonFiniteLossError(GptJaxError):
     """A training or evaluation loss that became NaN or infinite (a learning rate too high, say)."""
+
+
+class NonFiniteModelError(GptJaxError):
+    """A model whose parameters or outputs are NaN or infinite (a damaged checkpoint, a diverged run)."""
+
+
+class GenerationTooLargeError(ConfigError):
+    """A generation request (max_new_tokens x samples) that cannot fit in memory."""
