@@ -2,34 +2,42 @@
 
 Sources:
 - ``tiny_shakespeare``: through a tensorflow-datasets builder that writes array_record files and is
-  read back with ``tfds.data_source``, so TensorFlow is never needed. Train is tfds ``train``;
-  validation is ``validation+test``, exactly nanoGPT's last 10%.
+  read back with ``tfds.data_source``, so TensorFlow is never needed. The text comes from
+  ``--source_file``, from tfds's manual directory, or from the copy shipped in ``gpt_jax/corpora``, so
+  a first run needs no network. Train is tfds ``train``; validation is ``validation+test``, exactly
+  nanoGPT's last 10%.
 - a path: a UTF-8 text file, or a folder of ``.txt`` files read in sorted order and joined; the first
   ``1 - val_fraction`` is train, the rest validation.
 
-The tokenised splits are written once as flat arrays under ``<data_dir>/tokens/<key>/`` and memory-
-mapped afterwards, so a second run starts at once. The key hashes the source's identity (paths, sizes,
-modification times), the split rule and the tokenizer kind.
+Every source's text passes ``normalize_text`` (no byte-order mark, ``\\n`` line endings, NFC) before
+the vocabulary is built. The tokenised splits are written once under ``<data_dir>/tokens/<key>/``
+(``gpt_jax.token_cache``: a manifest, checked at every open) and memory-mapped afterwards, so a second
+run starts at once. The key hashes the source's identity (paths, sizes, modification times), the split
+rule and the cache format.
+
+Random streams: every random draw of data is numpy's default generator seeded with
+``[seed, stream, step]``; the streams are named here, once, so no two kinds of batch share one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from gpt_jax import token_cache
 from gpt_jax.config import Config, expand
 from gpt_jax.errors import DataError
-from gpt_jax.tokenizer import CharTokenizer
+from gpt_jax.tokenizer import CharTokenizer, normalize_text
 
 SPLITS = ("train", "val")
-_CACHE_FORMAT = 1
+TRAIN_STREAMS = {"train": 0, "val": 1}  # the batches of TokenData.get_batch
+EVAL_STREAMS = {"train": 2, "val": 3}  # the fixed evaluation batches of TokenData.eval_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +66,29 @@ class TokenData:
 
     def get_batch(self, split: str, step: int, seed: int, batch_size: int, block_size: int
                   ) -> tuple[np.ndarray, np.ndarray]:
-        return get_batch(self.split(split), step, seed, batch_size, block_size, SPLITS.index(split))
+        """The training batch of ``step``: int32 ``x, y`` of shape [batch_size, block_size], y = x
+        shifted by one; random windows of the split, a pure function of the arguments."""
+        return random_windows(self.split(split), step, seed, batch_size, block_size, TRAIN_STREAMS[split])
+
+    def eval_batches(self, split: str, seed: int, batch_size: int, block_size: int, eval_iters: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed evaluation batches of a split: int32 x and y of shape [eval_iters, batch_size,
+        block_size].
+
+        The same at every evaluation (so successive estimates compare like with like) and drawn from
+        their own random streams, apart from the training batches.
+        """
+        tokens, stream = self.split(split), EVAL_STREAMS[split]
+        pairs = [random_windows(tokens, i, seed, batch_size, block_size, stream) for i in range(eval_iters)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def get_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int, block_size: int,
-              stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_windows(tokens: np.ndarray, step: int, seed: int, batch_size: int, block_size: int,
+                   stream: int) -> tuple[np.ndarray, np.ndarray]:
     """Random windows of ``tokens``: int32 ``x, y`` of shape [batch_size, block_size], y = x shifted.
 
-    A pure function of its arguments (numpy's Philox-free default generator seeded with
-    ``[seed, stream, step]``), which is what makes resuming exact: the data position is the step.
+    A pure function of its arguments (numpy's default generator seeded with ``[seed, stream, step]``),
+    which is what makes resuming exact: the data position is the step.
     """
     rng = np.random.default_rng([seed, stream, step])
     starts_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
@@ -74,23 +96,36 @@ def get_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int, block_s
     return window_BxT1[:, :-1], window_BxT1[:, 1:]
 
 
+def get_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int, block_size: int,
+              stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The former name of ``random_windows``, kept while callers move to it."""
+    return random_windows(tokens, step, seed, batch_size, block_size, stream)
+
+
 def load_data(cfg: Config) -> TokenData:
-    """The tokenised dataset named by ``cfg.dataset``, from the cache when it is there."""
+    """The tokenised dataset named by ``cfg.dataset``, from the token cache when it checks out.
+
+    A damaged cache is named in a warning and rebuilt. Raises DataError for a missing, empty or
+    non-UTF-8 source, ``source_file`` given with a path dataset, or a ``data_dir`` that cannot be written.
+    """
     source, identity = _describe_source(cfg)
     key = hashlib.sha256(json.dumps(
-        {"format": _CACHE_FORMAT, "source": identity, "tokenizer": "char"}, sort_keys=True
+        {"format": token_cache.FORMAT, "source": identity, "tokenizer": "char"}, sort_keys=True
     ).encode()).hexdigest()[:20]
     cache = expand(cfg.data_dir) / "tokens" / key
-    if not (cache / "meta.json").is_file():
-        train_text, val_text = _read_splits(cfg, source)
-        _write_cache(cache, train_text, val_text, source)
-    return _read_cache(cache)
+    files = token_cache.open_or_build(cache, SPLITS, lambda: _build(cfg, source))
+    return TokenData(files.tokenizer, files.splits["train"], files.splits["val"], source=files.source)
 
 
 def _describe_source(cfg: Config) -> tuple[str, dict]:
     """A readable name of the source and a JSON description that changes when its content does."""
     if cfg.dataset in TFDS_DATASETS:
         return cfg.dataset, {"tfds": cfg.dataset, "version": TINY_SHAKESPEARE_VERSION}
+    if cfg.source_file:
+        raise DataError(
+            f"source_file is a local copy of the download of {' or '.join(TFDS_DATASETS)}, but dataset "
+            f"{cfg.dataset!r} is a path; leave out --source_file, or give that file as --dataset"
+        )
     path = expand(cfg.dataset)
     if not path.exists():
         raise DataError(
@@ -111,51 +146,43 @@ def _text_files(path: Path) -> list[Path]:
     return files
 
 
+def _build(cfg: Config, source: str) -> token_cache.Built:
+    """Read and normalise the source's splits and tokenise them: what the token cache stores."""
+    train_text, val_text = _read_splits(cfg, source)
+    tokenizer = CharTokenizer.from_text(train_text + val_text)
+    return token_cache.Built(tokenizer, {"train": _encoded(tokenizer, train_text),
+                                         "val": _encoded(tokenizer, val_text)}, source)
+
+
+def _encoded(tokenizer: CharTokenizer, text: str) -> Iterator[np.ndarray]:
+    yield tokenizer.encode(text)  # lazily: while the cache writes, not before
+
+
 def _read_splits(cfg: Config, source: str) -> tuple[str, str]:
+    """(train, validation) text of the source, normalised."""
     if cfg.dataset in TFDS_DATASETS:
         return read_tiny_shakespeare(expand(cfg.data_dir) / "tfds", cfg.source_file or None)
-    text = "".join(_read_utf8(f) for f in _text_files(expand(cfg.dataset)))
+    text = "".join(read_text(f) for f in _text_files(expand(cfg.dataset)))
     if not text:
         raise DataError(f"dataset {source} is empty; give a file with text in it")
     cut = int(len(text) * (1.0 - cfg.val_fraction))
     return text[:cut], text[cut:]
 
 
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, normalised (``normalize_text``). Raises DataError if it is not UTF-8 or cannot
+    be read."""
     try:
-        return data.decode("utf-8")
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return normalize_text(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(
             f"{path} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
             "convert it to UTF-8 or remove the binary file"
         ) from None
-
-
-def _write_cache(cache: Path, train_text: str, val_text: str, source: str) -> None:
-    tokenizer = CharTokenizer.from_text(train_text + val_text)
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
-    try:
-        for name, text in zip(SPLITS, (train_text, val_text), strict=True):
-            tokenizer.encode(text).astype(dtype).tofile(tmp / f"{name}.bin")
-        meta = {"tokenizer": tokenizer.to_json(), "dtype": np.dtype(dtype).name, "source": source,
-                "sizes": {"train": len(train_text), "val": len(val_text)}}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, cache)
-        except OSError:  # another process wrote the same cache first: theirs is as good as ours
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_cache(cache: Path) -> TokenData:
-    meta = json.loads((cache / "meta.json").read_text())
-    arrays = [np.memmap(cache / f"{name}.bin", dtype=meta["dtype"], mode="r") if meta["sizes"][name]
-              else np.zeros(0, meta["dtype"]) for name in SPLITS]
-    return TokenData(CharTokenizer.from_json(meta["tokenizer"]), *arrays, source=meta["source"])
 
 
 # --- tensorflow-datasets ------------------------------------------------------------------------
@@ -164,17 +191,24 @@ TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINY_SHAKESPEARE_BYTES = 1_115_394
 TINY_SHAKESPEARE_VERSION = "1.0.0"
 TFDS_DATASETS = ("tiny_shakespeare",)
 _MANUAL_NAMES = ("input.txt", "tinyshakespeare.txt")
 
 
+def packaged_tiny_shakespeare() -> Path:
+    """The char-rnn ``input.txt`` shipped inside gpt_jax (``gpt_jax/corpora/tinyshakespeare.txt``)."""
+    return Path(str(importlib.resources.files("gpt_jax.corpora") / "tinyshakespeare.txt"))
+
+
 def read_tiny_shakespeare(tfds_dir: Path, source_file: str | None = None) -> tuple[str, str]:
     """(train, validation + test) text of Tiny Shakespeare, prepared with tfds on first use.
 
-    The download is taken, in order, from ``source_file``, from ``<tfds_dir>/downloads/manual/``
-    (tfds's manual directory, as ``input.txt`` or ``tinyshakespeare.txt``), or from the internet.
-    Its sha256 is checked in every case.
+    The text is taken, in order, from ``source_file``, from ``<tfds_dir>/downloads/manual/`` (tfds's
+    manual directory, as ``input.txt`` or ``tinyshakespeare.txt``), from the copy shipped with gpt_jax,
+    or, should that be missing, from the internet. It must be the char-rnn input.txt after text hygiene
+    (a copy with Windows line endings or a byte-order mark is); DataError otherwise.
     """
     import tensorflow_datasets as tfds
 
@@ -221,7 +255,7 @@ def _tiny_shakespeare_builder() -> type:
             )
 
         def _split_generators(self, dl_manager):
-            text = _verified_text(self._locate(dl_manager))
+            text = _verified_text(*self._locate(dl_manager))
             i = int(len(text) * 0.9)
             train, rest = text[:i], text[i:]
             j = int(len(rest) * 0.5)
@@ -232,15 +266,18 @@ def _tiny_shakespeare_builder() -> type:
         def _generate_examples(self, text):
             yield 0, {"text": text}
 
-        def _locate(self, dl_manager) -> Path:
+        def _locate(self, dl_manager) -> tuple[Path, str]:
+            """The copy to use, and what a user does instead if it is not the right text."""
             if self._source_file:
-                return Path(self._source_file)
+                return Path(self._source_file), "leave out --source_file to use the copy shipped with gpt_jax"
             manual = Path(self.data_dir_root) / "downloads" / "manual"
             for name in _MANUAL_NAMES:
                 if (manual / name).is_file():
-                    return manual / name
+                    return manual / name, "remove it to use the copy shipped with gpt_jax"
+            if packaged_tiny_shakespeare().is_file():
+                return packaged_tiny_shakespeare(), "reinstall gpt_jax"
             try:
-                return Path(dl_manager.download(TINY_SHAKESPEARE_URL))
+                return Path(dl_manager.download(TINY_SHAKESPEARE_URL)), "download it again"
             except Exception as e:  # any network failure: tell the user how to go offline
                 raise DataError(
                     f"could not download Tiny Shakespeare ({type(e).__name__}); put input.txt in "
@@ -254,12 +291,19 @@ def _tiny_shakespeare_builder() -> type:
 _BUILDER: type | None = None
 
 
-def _verified_text(path: Path) -> str:
+def _verified_text(path: Path, remedy: str) -> str:
+    """The normalised text of a Tiny Shakespeare copy; DataError saying what differs unless it is the
+    char-rnn input.txt (whose text is already normalised: ASCII with \\n line endings)."""
     data = path.read_bytes()
+    try:
+        data = normalize_text(data.decode("utf-8")).encode("utf-8")
+    except UnicodeDecodeError:
+        pass  # not text at all: its size and checksum say so
     digest = hashlib.sha256(data).hexdigest()
     if digest != TINY_SHAKESPEARE_SHA256:
         raise DataError(
-            f"{path} is not the Tiny Shakespeare input.txt (sha256 {digest[:12]}..., expected "
-            f"{TINY_SHAKESPEARE_SHA256[:12]}...); download it again"
+            f"{path} is not the Tiny Shakespeare input.txt: after text hygiene it has {len(data):,} bytes "
+            f"and sha256 {digest[:12]}..., the char-rnn input.txt {TINY_SHAKESPEARE_BYTES:,} bytes and "
+            f"sha256 {TINY_SHAKESPEARE_SHA256[:12]}...; {remedy}"
         )
     return data.decode("utf-8")

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_TEXT = Path(os.environ.get("GPT_JAX_TINYSHAKESPEARE",
-                                  ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.0,
             max_iters=20, warmup_iters=2, lr_decay_iters=20, eval_interval=10, eval_iters=2,
@@ -40,12 +38,10 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def shakespeare_file() -> Path:
-    """The Tiny Shakespeare input.txt; CI must have it, elsewhere its absence skips the test."""
-    if not SHARED_TEXT.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{SHARED_TEXT} is missing; set GPT_JAX_TINYSHAKESPEARE to its path")
-        pytest.skip(f"{SHARED_TEXT} not found (set GPT_JAX_TINYSHAKESPEARE)")
-    return SHARED_TEXT
+    """The Tiny Shakespeare input.txt shipped inside the package."""
+    from gpt_jax.data import packaged_tiny_shakespeare
+
+    return packaged_tiny_shakespeare()
 
 
 @pytest.fixture(scope="session")
