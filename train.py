@@ -13,23 +13,31 @@ import argparse
 import logging
 
 from gpt_jax import cli
-from gpt_jax.config import FIELDS, Config, coerce, default_preset, make_config, parse_overrides
+from gpt_jax.config import FIELDS, Config, coerce, default_preset, make_config, parse_overrides, read_preset
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(shown: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows each key's description and the value the preset ``shown``
+    gives it (Config's defaults without one)."""
+    values = {**Config().to_dict(), **(read_preset(shown) if shown else {})}
     parser = cli.ArgumentParser(
         prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
-        description="Train a character-level bigram or GPT model. Options override the config file.",
+        description="Train a character-level bigram or GPT model. Options override the config file; "
+                    f"the values in brackets are those of {shown or 'the defaults'}.",
     )
     parser.add_argument("config", nargs="?", help="a preset name or file, e.g. configs/shakespeare_char.py "
                         "(default: shakespeare_char on an accelerator, shakespeare_char_cpu otherwise)")
-    defaults = Config()
     for name, field in FIELDS.items():
         kind = field.type if isinstance(field.type, str) else field.type.__name__
         extra = {"nargs": "?", "const": "True"} if kind == "bool" else {}
         parser.add_argument(f"--{name}", metavar=kind.upper(), type=lambda s, n=name: coerce(n, s),
-                            help=f"(default: {getattr(defaults, name)!r})", **extra)
+                            help=f"{field.metadata['help']} [{values[name]!r}]", **extra)
     return parser
+
+
+def _preset_argument(argv: list[str]) -> str | None:
+    """The config file named on the command line, if any: the first argument not starting with -."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str]) -> int:
@@ -37,6 +45,8 @@ def main(argv: list[str]) -> int:
     # would also log it, with tracebacks, on the way out.
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    if any(a in ("-h", "--help") for a in argv):  # values of the preset that would run
+        build_parser(_preset_argument(argv) or default_preset()).parse_args(["--help"])
     parsed, unknown = build_parser().parse_known_args(argv)
     parse_overrides(unknown)  # raises a ConfigError that names the unknown key
     args = vars(parsed)
@@ -61,8 +71,12 @@ def main(argv: list[str]) -> int:
     result = train(cfg, exit_on_second_interrupt=True)
     if result.stopped:  # SIGTERM or a first Ctrl-C: a checkpoint of this step was saved
         return cli.EXIT_INTERRUPTED if result.stopped == "interrupt" else 0
-    say(f"done: step {int(result.state.step)}, best val loss {result.best_val_loss:.4f}, "
-        f"checkpoints in {result.config.out_dir}")
+    done = f"done: step {int(result.state.step)}, best val loss {result.best_val_loss:.4f}"
+    if result.checkpoint_step is not None:
+        say(f"{done}, newest checkpoint step {result.checkpoint_step} in {result.config.out_dir}")
+    else:
+        say(f"{done}; no checkpoint was saved (the validation loss never improved on step 0's; pass "
+            "--always_save_checkpoint=True to save at every evaluation)")
     return 0
 
 

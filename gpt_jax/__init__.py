@@ -16,6 +16,8 @@ from gpt_jax.errors import (
     DataError,
     GenerationTooLargeError,
     GptJaxError,
+    IncompatibleCheckpointError,
+    NoCheckpointError,
     NonFiniteLossError,
     NonFiniteModelError,
     RunLockedError,
@@ -32,16 +34,19 @@ from gpt_jax.model import (
     loss_fn,
 )
 from gpt_jax.sampling import Generation, Generator, generate, generate_reference, sample_logits
+from gpt_jax.state import TrainState, abstract_state, init_state, lr_schedule, make_optimizer
 from gpt_jax.tokenizer import CharTokenizer
-from gpt_jax.training import TrainResult, TrainState, evaluate, init_state, make_train_step, prepare, train
+from gpt_jax.training import TrainResult, evaluate, make_train_step, setup_data, train
 
 __all__ = [
     "CharTokenizer", "CheckpointError", "Checkpointer", "Config", "ConfigError", "DataError",
-    "Generation", "GenerationTooLargeError", "Generator", "GptJaxError", "NonFiniteLossError",
+    "Generation", "GenerationTooLargeError", "Generator", "GptJaxError", "IncompatibleCheckpointError",
+    "NoCheckpointError", "NonFiniteLossError",
     "NonFiniteModelError", "RunLockedError", "TokenData",
     "TokenizerError", "TrainResult", "TrainState", "cached_logits_fn", "compute_dtype",
     "count_params", "cross_entropy", "evaluate", "generate", "generate_reference", "get_batch",
-    "init_cache", "init_params", "init_state", "load_checkpoint", "load_data", "logits_fn",
-    "loss_fn", "make_config", "make_train_step", "prepare", "sample_logits", "train",
+    "abstract_state", "init_cache", "init_params", "init_state", "load_checkpoint", "load_data",
+    "logits_fn", "loss_fn", "lr_schedule", "make_config", "make_optimizer", "make_train_step",
+    "sample_logits", "setup_data", "train",
 ]
 __version__ = "0.1.0"

@@ -2,32 +2,61 @@
 
 Layout: ``<out_dir>/checkpoints/<step>/{state,meta}``. ``meta`` holds the config, the tokenizer's
 vocabulary, the metrics at that step and library versions, so a checkpoint directory is all that
-``sample.py`` or a notebook needs. orbax writes each step into a temporary directory and renames it
-when complete, so a crash mid-save leaves the previous steps as they were; a step that fails to
-restore is skipped with a warning in favour of the next older one.
+``sample.py`` or a notebook needs.
+
+Writers and readers. orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when
+complete; pruned steps are first renamed into ``pruned/`` and only then deleted, so a reader sees every
+step either whole or not at all. ``Checkpointer.restore`` is the one restore path (resume, notebooks,
+``sample.py``): it takes the newest step that restores, lists the steps afresh when one disappears under
+it (pruned by a running training), and calls a step damaged only when its directory is still there
+and cannot be read, with one warning line, before falling back to the next older step.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import importlib.metadata
 import logging
+import shutil
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 
-from gpt_jax.config import Config, coerce, expand, validate
-from gpt_jax.errors import CheckpointError, ConfigError
+from gpt_jax.config import FIELDS, Config, coerce, expand, validate
+from gpt_jax.errors import (
+    CheckpointError,
+    GptJaxError,
+    IncompatibleCheckpointError,
+    NoCheckpointError,
+    TokenizerError,
+)
+from gpt_jax.runlock import active_holder
 from gpt_jax.tokenizer import CharTokenizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
+PRUNED_SUBDIR = "pruned"  # pruned steps are renamed here (atomic for readers), then deleted
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _VERSIONED = ("jax", "flax", "optax", "orbax-checkpoint")
+_LISTING_ATTEMPTS = 5  # fresh listings a reader tries while a running training prunes under it
+
+# Fields that fix the parameters' shapes or layout: a checkpoint resumes only with the same values.
+MODEL_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pos_encoding",
+                "norm_position", "tie_embeddings", "scan_layers")
+# Fields that never matter to a resume (how it was started, where it was written).
+_RUN_FIELDS = ("init_from", "out_dir", "progress")
 
 # orbax logs routine events (every save, read-only opens) through absl; keep the console for training.
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any  # the train state, laid out as the restore target asked
+    meta: dict[str, Any]  # the JSON metadata saved with it (make_metadata)
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -35,6 +64,7 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 
 
 def make_metadata(cfg: Config, tokenizer: CharTokenizer, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The JSON saved beside each state: config, tokenizer, metrics at that step, library versions."""
     versions = {}
     for name in _VERSIONED:
         try:
@@ -45,34 +75,89 @@ def make_metadata(cfg: Config, tokenizer: CharTokenizer, metrics: dict[str, Any]
             "versions": versions}
 
 
+def config_from_metadata(meta: dict[str, Any]) -> Config:
+    """The Config stored in a checkpoint's metadata; CheckpointError if it is missing or unusable."""
+    try:
+        return validate(Config(**{k: coerce(k, v) for k, v in meta["config"].items()}))
+    except (KeyError, TypeError, AttributeError, GptJaxError) as e:
+        raise CheckpointError(f"its metadata has no usable config ({' '.join(str(e).split())})") from None
+
+
+def tokenizer_from_metadata(meta: dict[str, Any], cfg: Config) -> CharTokenizer:
+    """The tokenizer stored in a checkpoint, checked against the model it was saved with.
+
+    Raises CheckpointError saying what is inconsistent: a vocabulary that is not a list of distinct
+    characters, or one whose size is not the model's ``vocab_size`` (a character dropped or added).
+    """
+    try:
+        tokenizer = CharTokenizer.from_json(meta["tokenizer"])
+    except (KeyError, TypeError, AttributeError, TokenizerError) as e:
+        raise CheckpointError(f"its vocabulary is unusable ({' '.join(str(e).split())})") from None
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"its vocabulary has {tokenizer.vocab_size} characters but the model has "
+                              f"vocab_size {cfg.vocab_size}: the vocabulary was edited")
+    return tokenizer
+
+
+def resume_changes(meta: dict[str, Any], cfg: Config, tokenizer: CharTokenizer) -> list[str]:
+    """What resuming the checkpoint ``meta`` with ``cfg`` and ``tokenizer`` changes, as "name old -> new".
+
+    Raises CheckpointError if the model would change (a field of MODEL_FIELDS, or the vocabulary: another
+    dataset); every other change (``max_iters``, ``learning_rate``, ...) is returned, to be reported.
+    """
+    saved = config_from_metadata(meta)
+    saved_chars = tokenizer_from_metadata(meta, saved).chars
+    model, other = [], []
+    for name in FIELDS:
+        old, new = getattr(saved, name), getattr(cfg, name)
+        if old != new and name not in _RUN_FIELDS:
+            (model if name in MODEL_FIELDS else other).append(f"{name} {old!r} -> {new!r}")
+    if saved_chars != tokenizer.chars and not any(c.startswith("vocab_size") for c in model):
+        model.append("the vocabulary (same size, other characters)")
+    if model:
+        other_data = saved.vocab_size != cfg.vocab_size or saved_chars != tokenizer.chars
+        raise IncompatibleCheckpointError(
+            f"the model differs{' (another dataset?)' if other_data else ''}: {'; '.join(model)}; keep the "
+            "saved values, resume with the same dataset, or start a new --out_dir")
+    return other
+
+
 class Checkpointer:
-    """Saves and restores (state, metadata) pairs under ``<out_dir>/checkpoints``."""
+    """Saves and restores (state, metadata) pairs under ``<out_dir>/checkpoints``.
+
+    A writer (``read_only=False``) must hold the run lock (``runlock.RunLock``); it removes what
+    interrupted saves left behind. Readers may run while a training writes.
+    """
 
     def __init__(self, out_dir: str | Path, keep: int = 2, *, read_only: bool = False):
         self.directory = checkpoint_dir(out_dir)
+        self.read_only = read_only
         if read_only and not self.directory.is_dir():
-            raise CheckpointError(
+            raise NoCheckpointError(
                 f"no checkpoints in {self.directory.parent}; train first or check --out_dir"
             )
-        self._warn_about_partial_saves(removing=not read_only)
-        # A run that writes holds the directory's lock (runlock.py), so leftovers of an interrupted
-        # save belong to nobody and are removed.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               read_only=read_only, cleanup_tmp_directories=not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._report_partial_saves()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only, todelete_subdir=None if read_only else PRUNED_SUBDIR)
+        self._manager = _retry_listing(lambda: ocp.CheckpointManager(self.directory, options=options))
         self._saving: int | None = None
+        self._failed = False
 
-    def _warn_about_partial_saves(self, removing: bool) -> None:
-        if not self.directory.is_dir():
+    def _report_partial_saves(self) -> None:
+        """Warn about each unfinished save that nobody is writing any more: a writer removes it, a
+        reader ignores it. A save in progress (the run lock's holder is alive) is not reported."""
+        if not self.directory.is_dir() or (self.read_only and active_holder(self.directory.parent)):
             return
         for path in sorted(self.directory.glob(f"*{_TMP_MARK}*")):
             step = path.name.split(".", 1)[0]
             warnings.warn(f"checkpoint step {step} in {self.directory} was never completed (an interrupted "
-                          f"save left {path.name}); {'removing it' if removing else 'ignoring it'}",
+                          f"save left {path.name}); {'ignoring it' if self.read_only else 'removing it'}",
                           stacklevel=3)
 
     def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """The complete steps, oldest first, listed afresh."""
+        return sorted(_retry_listing(lambda: (self._manager.reload(), self._manager.all_steps())[1]))
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
         """Start saving ``state`` at ``step``; returns once the arrays are copied off the device.
@@ -81,60 +166,94 @@ class Checkpointer:
         CheckpointError by the next ``save`` or ``wait``. Older steps are pruned only after a new one
         is complete, so a failed save leaves them as they were.
         """
-        self._check(lambda: self._manager.wait_until_finished())
+        self.wait()
         self._saving = step
         self._check(lambda: self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata))))
 
-    def _check(self, action) -> None:
+    def wait(self) -> None:
+        """Block until the save in flight is complete; raise CheckpointError if it failed."""
+        self._check(self._manager.wait_until_finished)
+        self._saving = None
+        shutil.rmtree(self.directory / PRUNED_SUBDIR, ignore_errors=True)
+
+    def _check(self, action: Callable[[], Any]) -> None:
         try:
             action()
         except Exception as e:  # orbax and tensorstore raise many types for failed writes
             step, self._saving = self._saving, None
             if step is None:
                 raise
-            good = [s for s in self._completed_steps() if s != step]
+            self._failed = True
+            good = [s for s in _complete_steps(self.directory) if s != step]
             kept = f"the newest complete checkpoint is step {good[-1]}" if good else "no complete checkpoint"
-            reason = _short_reason(e)
-            raise CheckpointError(f"cannot write checkpoint step {step} in {self.directory} ({reason}); "
-                                  f"{kept}; free disk space or choose another --out_dir, then resume") from e
+            raise CheckpointError(f"cannot write checkpoint step {step} in {self.directory} "
+                                  f"({_short_reason(e)}); {kept}; {_advice(e)}, then resume") from e
 
-    def _completed_steps(self) -> list[int]:
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    def restore(self, target_for: Callable[[dict[str, Any]], Any], step: int | None = None) -> Restored:
+        """The newest step (or ``step``) that restores: (step, state, metadata).
 
-    def restore_metadata(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"]
+        ``target_for(meta)`` gives the restore target for a step's metadata (``state.abstract_state``
+        of its config: tree structure, shapes, dtypes, shardings); an IncompatibleCheckpointError it
+        raises (a resume that would change the model) ends the search, any other error marks the step
+        damaged. Steps that disappear
+        while being read (pruned) are skipped silently; a damaged step is named in one warning and the
+        next older one is tried.
 
-    def restore(self, target: Any | None, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
-        """(step, state, metadata) of ``step``, or of the newest step that restores.
-
-        ``target`` gives the tree structure, shapes and dtypes (``jax.eval_shape`` of the state);
-        ``None`` restores whatever was saved, as nested dicts of arrays.
+        Raises NoCheckpointError when there is no step, CheckpointError when none restores.
         """
-        steps = [step] if step is not None else self.steps()[::-1]
-        if not steps:
-            raise CheckpointError(f"no checkpoint steps in {self.directory}; train first")
-        failures = []
-        for s in steps:
-            try:
-                restored = self._manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-                return s, restored["state"], restored["meta"]
-            except Exception as e:  # orbax raises many types for unreadable data
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                failures.append(f"step {s} ({reason})")
-                warnings.warn(f"checkpoint step {s} in {self.directory} cannot be restored "
-                              f"({reason}); trying an older step", stacklevel=2)
-        raise CheckpointError(f"no checkpoint in {self.directory} could be restored: "
-                              + "; ".join(failures))
+        damaged: dict[int, str] = {}
+        for _ in range(_LISTING_ATTEMPTS):
+            listed = self.steps()
+            if step is not None and step not in listed:
+                raise NoCheckpointError(f"no checkpoint step {step} in {self.directory}; its steps are "
+                                        f"{', '.join(map(str, listed)) or 'none'}")
+            candidates = [step] if step is not None else [s for s in listed[::-1] if s not in damaged]
+            for s in candidates:
+                try:
+                    return self._restore_step(s, target_for)
+                except _Vanished:
+                    break  # pruned under us: list again
+                except _Damaged as e:
+                    damaged[s] = e.reason
+                    warnings.warn(f"checkpoint step {s} in {self.directory} cannot be restored ({e.reason}); "
+                                  + ("trying an older step" if s != candidates[-1] else "no older step"),
+                                  stacklevel=2)
+            else:
+                break
+        if not damaged:
+            raise NoCheckpointError(f"no checkpoint steps in {self.directory}; train first")
+        steps = "; ".join(f"step {s}: {r}" for s, r in damaged.items())
+        raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({steps}); restore the "
+                              "directory from a backup or train again")
 
-    def wait(self) -> None:
-        self._check(self._manager.wait_until_finished)
-        self._saving = None
+    def _restore_step(self, step: int, target_for: Callable[[dict[str, Any]], Any]) -> Restored:
+        path = self.directory / str(step)
+        try:
+            with _quiet_storage_logs():
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                target = target_for(meta)
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            return Restored(step, restored["state"], restored["meta"])
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # orbax raises many types for unreadable or vanished data
+            if _vanished(path, self.directory.parent):
+                raise _Vanished from None
+            reason = _one_line(e) if isinstance(e, GptJaxError) else f"{type(e).__name__}: {_one_line(e)}"
+            raise _Damaged(reason[:240]) from None
 
     def close(self) -> None:
-        self._manager.close()
+        """Finish background work. A save that failed was reported by ``wait``/``save``; its leftovers
+        are not reported again here."""
+        try:
+            self._manager.close()
+        except Exception as e:
+            if not self._failed:
+                raise CheckpointError(f"cannot finish writing checkpoints in {self.directory} "
+                                      f"({_short_reason(e)}); {_advice(e)}") from e
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -143,70 +262,104 @@ class Checkpointer:
         self.close()
 
 
+class _Vanished(Exception):
+    """The step's directory disappeared while it was read."""
+
+
+class _Damaged(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _vanished(path: Path, out_dir: Path) -> bool:
+    """Whether ``path`` is gone, or goes within a moment while a training writes ``out_dir`` (a prune
+    renames the step away; a read can fail just before)."""
+    if not path.exists():
+        return True
+    if active_holder(out_dir) is None:
+        return False
+    time.sleep(0.2)
+    return not path.exists()
+
+
+def _retry_listing(list_steps: Callable[[], Any]) -> Any:
+    """``list_steps()``, again when a step disappears between orbax's listing and its reading of it."""
+    for attempt in range(_LISTING_ATTEMPTS):
+        try:
+            return list_steps()
+        except FileNotFoundError:
+            if attempt == _LISTING_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _complete_steps(directory: Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+@contextlib.contextmanager
+def _quiet_storage_logs() -> Iterator[None]:
+    """orbax and its event loop log every failed read with long tracebacks; the caller reports it once."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text.split(" [tensorstore_spec=", 1)[0]
+
+
 def _short_reason(error: Exception) -> str:
     """The telling part of a storage error: tensorstore's messages end with the OS error, followed by
     a long spec that says nothing to a person."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = text.split(" [tensorstore_spec=", 1)[0]
+    text = _one_line(error)
     return text if len(text) <= 240 else "..." + text[-240:]
 
 
-def config_from_metadata(meta: dict[str, Any]) -> Config:
-    """The Config stored in a checkpoint (unknown keys from other versions are an error)."""
-    try:
-        return validate(Config(**{k: coerce(k, v) for k, v in meta["config"].items()}))
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint metadata has no usable config ({e})") from None
-
-
-def portable(cfg: Config) -> Config:
-    """``cfg`` for this machine: an attention kernel chosen for another platform becomes "auto".
-
-    The kernel changes how attention is computed, not its result, so a model trained with
-    ``attention=cudnn`` on a GPU can be sampled on a CPU.
-    """
-    from gpt_jax.model import attention_impl
-
-    try:
-        attention_impl(cfg, cfg.block_size, with_dropout=False)
-    except ConfigError as e:
-        warnings.warn(f"{e}: using attention=auto here", stacklevel=3)
-        return dataclasses.replace(cfg, attention="auto")
-    return cfg
+def _advice(error: BaseException) -> str:
+    """What to do about a failed write, from the OS error anywhere in its chain or text."""
+    text, cause = str(error), error
+    while cause is not None:
+        if isinstance(cause, PermissionError) or "Permission denied" in str(cause):
+            return "permission denied: make the directory writable or choose another --out_dir"
+        text += str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if "No space left" in text or "ENOSPC" in text or "RESOURCE_EXHAUSTED" in text:
+        return "the disk is full: free disk space or choose another --out_dir"
+    return "check that the disk has room and the directory is writable, or choose another --out_dir"
 
 
 def load_checkpoint(out_dir: str | Path, step: int | None = None
                     ) -> tuple[Any, Config, CharTokenizer, dict[str, Any]]:
     """(params, config, tokenizer, metadata) from a training ``out_dir`` — the notebook entry point.
 
-    Restores the newest good step (or ``step``); parameters come back as float32 arrays on one local
-    device, whatever the device count or platform that wrote them.
+    Restores the newest good step (or ``step``), also while a training writes into ``out_dir``;
+    parameters come back as float32 arrays on one local device, whatever the device count or platform
+    that wrote them. Raises NoCheckpointError / CheckpointError (one line) when nothing restores.
     """
     import jax
 
+    from gpt_jax.attention import portable
     from gpt_jax.sharding import make_mesh
-    from gpt_jax.training import abstract_state
+    from gpt_jax.state import abstract_state
 
     mesh = make_mesh(jax.local_devices()[:1])  # whatever devices wrote it, restore onto one
+
+    def target_for(meta: dict[str, Any]) -> Any:
+        cfg = config_from_metadata(meta)
+        tokenizer_from_metadata(meta, cfg)
+        return abstract_state(cfg, mesh)
+
     with Checkpointer(out_dir, read_only=True) as ckpt:
-        available = ckpt.steps()
-        if not available:
-            raise CheckpointError(f"no checkpoint steps in {ckpt.directory}; train first")
-        if step is not None and step not in available:
-            raise CheckpointError(f"no checkpoint step {step} in {ckpt.directory}; its steps are "
-                                  f"{', '.join(map(str, available))}")
-        steps = [step] if step is not None else available[::-1]
-        for s in steps:
-            try:
-                cfg = config_from_metadata(ckpt.restore_metadata(s))
-            except Exception as e:  # unreadable or foreign metadata
-                warnings.warn(f"checkpoint step {s} in {ckpt.directory} has unusable metadata "
-                              f"({type(e).__name__}: {e}); trying an older step", stacklevel=2)
-                continue
-            try:
-                _, state, meta = ckpt.restore(abstract_state(cfg, mesh), step=s)  # warns if it fails
-            except CheckpointError:
-                continue
-            return state.params, portable(cfg), CharTokenizer.from_json(meta["tokenizer"]), meta
-    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out_dir)} (steps {steps}); "
-                          "train again or restore the directory from a backup")
+        _, state, meta = ckpt.restore(target_for, step)
+    cfg = config_from_metadata(meta)
+    return state.params, portable(cfg), tokenizer_from_metadata(meta, cfg), meta

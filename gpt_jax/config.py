@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import os
 import typing
@@ -18,7 +19,14 @@ from typing import Any
 
 from gpt_jax.errors import ConfigError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets: the repository's configs/, installed as the package gpt_jax.configs.
+CONFIGS_DIR = Path(str(importlib.resources.files("gpt_jax.configs")))
+PRESETS_FOLDER = "configs"  # `configs/NAME.py` names a bundled preset from any working directory
+
+
+def _field(default: Any, help: str) -> Any:
+    """A Config field with its one-line description (shown by ``train.py --help``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,53 +34,56 @@ class Config:
     """Every setting of a run. Frozen and hashable, so it can be a static argument of ``jax.jit``."""
 
     # model
-    model: str = "gpt"  # "gpt" or "bigram"
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    dropout: float = 0.2
-    bias: bool = False
-    vocab_size: int = 0  # 0: taken from the tokenizer
-    pos_encoding: str = "learned"  # "learned" (GPT-2, the course) or "sinusoidal" (the paper)
-    norm_position: str = "pre"  # "pre" (GPT-2, nanoGPT) or "post" (the course's Block)
-    tie_embeddings: bool = True
+    model: str = _field("gpt", "gpt, or the course's first model: bigram")
+    n_layer: int = _field(6, "transformer blocks")
+    n_head: int = _field(6, "attention heads per block")
+    n_embd: int = _field(384, "width of the residual stream (embedding size)")
+    block_size: int = _field(256, "context length in tokens")
+    dropout: float = _field(0.2, "dropout rate while training (0 = none)")
+    bias: bool = _field(False, "biases in linear layers and layer norms")
+    vocab_size: int = _field(0, "vocabulary size; 0 takes it from the tokenizer")
+    pos_encoding: str = _field("learned", "learned (GPT-2, the course) or sinusoidal (the paper)")
+    norm_position: str = _field("pre", "layer norm before (pre: GPT-2, nanoGPT) or after (post: the course)")
+    tie_embeddings: bool = _field(True, "share the token embedding with the output layer (lm_head)")
     # how the model is computed (none of these changes the function it computes)
-    dtype: str = "auto"  # compute dtype: "auto" (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16
-    attention: str = "auto"  # "auto", "xla", "cudnn" (NVIDIA flash attention) or "pallas" (TPU kernel)
-    remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
-    scan_layers: bool = False  # one lax.scan over stacked layers (compile time of deep models)
+    dtype: str = _field("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 "
+                        "or bfloat16")
+    attention: str = _field("auto", "attention kernel: auto, xla, cudnn (NVIDIA) or pallas (TPU)")
+    remat: bool = _field(False, "recompute each block's activations in the backward pass (less memory)")
+    scan_layers: bool = _field(False, "one lax.scan over stacked layers (faster compiles of deep models)")
     # data
-    dataset: str = "tiny_shakespeare"  # "tiny_shakespeare" or a path to a .txt file or folder
-    data_dir: str = "~/.cache/gpt_jax"  # tfds data and token caches
-    source_file: str = ""  # a local copy of a tfds dataset's download (offline use)
-    val_fraction: float = 0.1  # last fraction of a local corpus used for validation
+    dataset: str = _field("tiny_shakespeare", "tiny_shakespeare, or a path to a UTF-8 .txt file or folder")
+    data_dir: str = _field("~/.cache/gpt_jax", "where tokenised data is cached")
+    source_file: str = _field("", "a local copy of tiny_shakespeare's input.txt (instead of the bundled one)")
+    val_fraction: float = _field(0.1, "last fraction of a local corpus used for validation")
     # optimisation
-    batch_size: int = 64  # sequences per micro-batch over all devices
-    gradient_accumulation_steps: int = 1  # micro-batches summed into one update
-    learning_rate: float = 1e-3
-    max_iters: int = 5000
-    warmup_iters: int = 100
-    lr_decay_iters: int = 0  # 0: max_iters
-    min_lr: float = 1e-4
-    decay_lr: bool = True
-    beta1: float = 0.9
-    beta2: float = 0.99
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0: no clipping
+    batch_size: int = _field(64, "sequences per micro-batch over all devices")
+    gradient_accumulation_steps: int = _field(1, "micro-batches summed into one update")
+    learning_rate: float = _field(1e-3, "peak learning rate")
+    max_iters: int = _field(5000, "total optimizer steps")
+    warmup_iters: int = _field(100, "steps of linear warmup")
+    lr_decay_iters: int = _field(0, "step where cosine decay reaches min_lr; 0 = max_iters")
+    min_lr: float = _field(1e-4, "learning rate at the end of the decay")
+    decay_lr: bool = _field(True, "warmup and cosine decay; False keeps learning_rate constant")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.99, "AdamW beta2")
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = _field(1.0, "clip gradients to this global norm; 0 = no clipping")
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    out_dir: str = "out"
-    init_from: str = "scratch"  # "scratch" or "resume"
-    always_save_checkpoint: bool = False
-    keep_checkpoints: int = 2
-    progress: bool = True  # tqdm progress bar
-    seed: int = 1337
+    eval_interval: int = _field(250, "steps between evaluations (and checkpoint saves)")
+    eval_iters: int = _field(200, "batches per split in each evaluation")
+    log_interval: int = _field(10, "steps between log lines")
+    out_dir: str = _field("out", "directory for checkpoints and metrics.jsonl")
+    init_from: str = _field("scratch", "scratch, resume (the newest checkpoint in out_dir) or auto "
+                            "(resume if there is one)")
+    always_save_checkpoint: bool = _field(False, "save at every evaluation, not only when val loss improves")
+    keep_checkpoints: int = _field(2, "newest checkpoints kept in out_dir")
+    progress: bool = _field(True, "show a progress bar")
+    seed: int = _field(1337, "random seed of initialisation, batches and dropout (0 <= seed < 2**32)")
     # devices and hosts
-    fsdp: bool = False  # shard parameters and optimizer state over the devices, not only the batch
-    distributed: bool = False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+    fsdp: bool = _field(False, "shard parameters and optimizer state over the devices, not only the batch")
+    distributed: bool = _field(False, "start JAX's multi-process runtime (also when "
+                               "JAX_COORDINATOR_ADDRESS is set)")
 
     @property
     def head_dim(self) -> int:
@@ -92,7 +103,7 @@ _CHOICES = {
     "model": ("gpt", "bigram"),
     "pos_encoding": ("learned", "sinusoidal"),
     "norm_position": ("pre", "post"),
-    "init_from": ("scratch", "resume"),
+    "init_from": ("scratch", "resume", "auto"),
     "dtype": ("auto", "float32", "bfloat16"),
     "attention": ("auto", "xla", "cudnn", "pallas"),
 }
@@ -103,8 +114,31 @@ _NON_NEGATIVE = ("vocab_size", "warmup_iters", "lr_decay_iters", "learning_rate"
                  "weight_decay", "grad_clip")
 
 
+# Keys nanoGPT users type out of habit, with what to do instead here.
+_JAX_DEVICES = ("JAX uses every GPU or TPU it finds, else the CPU; to force the CPU run with the "
+                "environment variable JAX_PLATFORMS=cpu")
+NANOGPT_KEYS = {
+    "device": _JAX_DEVICES,
+    "device_type": _JAX_DEVICES,
+    "compile": "functions are always compiled with jax.jit here; drop --compile",
+    "backend": "JAX's multi-process runtime needs no communication backend; see --distributed",
+    "ddp": "data parallelism is always on over every device JAX finds; see --fsdp and --distributed",
+    "wandb_log": "metrics go to <out_dir>/metrics.jsonl (one JSON object per line); drop --wandb_log",
+    "wandb_project": "metrics go to <out_dir>/metrics.jsonl; drop --wandb_project",
+    "wandb_run_name": "metrics go to <out_dir>/metrics.jsonl; drop --wandb_run_name",
+    "eval_only": ("evaluate a checkpoint from Python: gpt_jax.evaluate(params, cfg, "
+                  "gpt_jax.load_data(cfg))"),
+}
+
+
 def coerce(name: str, value: Any) -> Any:
-    """Convert ``value`` (a string from the command line, or a Python value) to field ``name``'s type."""
+    """Convert ``value`` (a string from the command line, or a Python value) to field ``name``'s type.
+
+    Raises ConfigError for an unknown key (with the nearest known one, or what to do instead of a
+    nanoGPT-only key) or a value of the wrong type.
+    """
+    if name in NANOGPT_KEYS:
+        raise ConfigError(f"{name} is a nanoGPT setting with no counterpart here: {NANOGPT_KEYS[name]}")
     if name not in FIELDS:
         close = difflib.get_close_matches(name, FIELDS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(FIELDS)}"
@@ -143,9 +177,17 @@ def _parse_literal(name: str, text: str, kind: type) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Return ``cfg`` if every value is possible, else raise ConfigError saying which and why."""
+    if str(cfg.init_from).startswith("gpt2"):
+        raise ConfigError(f"init_from={cfg.init_from}: loading GPT-2 weights is not available yet; "
+                          "init_from is scratch, resume or auto")
+    if cfg.dtype == "float16":
+        raise ConfigError("dtype=float16 is not offered: use auto (bfloat16 on GPU/TPU, which needs no "
+                          "loss scaling) or float32")
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
     for name in _POSITIVE:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -174,16 +216,27 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def presets() -> list[str]:
+    """The names of the bundled presets."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
 def preset_path(name_or_path: str) -> Path:
-    """Resolve ``configs/NAME.py``, ``NAME`` or any path to a preset file."""
+    """The preset file named by ``name_or_path``: a path as given, else a bundled preset named ``NAME``
+    or ``configs/NAME.py`` (from any working directory). Any other path with a folder in it must exist:
+    a mistyped path never falls back to a bundled preset of the same name.
+
+    Raises ConfigError when there is no such file.
+    """
     path = Path(name_or_path).expanduser()
-    # As given; then as a preset name, so `configs/NAME.py` works from any directory.
-    candidates = [path, CONFIGS_DIR / f"{path.stem}.py"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.py")) if CONFIGS_DIR.is_dir() else []
-    raise ConfigError(f"config file {name_or_path!r} not found; presets: {', '.join(known)}")
+    if path.is_file():
+        return path
+    bundled = CONFIGS_DIR / f"{path.stem}.py"
+    names_a_preset = path.parent == Path(".") or path.parent == Path(PRESETS_FOLDER)
+    if names_a_preset and path.suffix in ("", ".py") and path.stem in presets():
+        return bundled
+    raise ConfigError(f"config file {name_or_path!r} not found; give an existing file or a preset: "
+                      f"{', '.join(presets())}")
 
 
 def read_preset(name_or_path: str) -> dict[str, Any]:

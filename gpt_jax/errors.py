@@ -24,6 +24,14 @@ class CheckpointError(GptJaxError):
     """A checkpoint directory that is missing or holds no usable step."""
 
 
+class NoCheckpointError(CheckpointError):
+    """An output directory with no checkpoint step at all (as opposed to damaged ones)."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A readable checkpoint that a new run cannot continue (the model or the vocabulary differs)."""
+
+
 class RunLockedError(CheckpointError):
     """An output directory in use by another training run."""
 

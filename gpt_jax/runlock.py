@@ -9,6 +9,7 @@ stopped without cleaning up (killed, out of memory, preempted) and takes it over
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -16,9 +17,45 @@ import socket
 import warnings
 from pathlib import Path
 
-from gpt_jax.errors import RunLockedError
+from gpt_jax.errors import CheckpointError, RunLockedError
 
 LOCK_NAME = ".lock"
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` created if needed and checked writable, before a run takes anything there.
+
+    Raises CheckpointError (one line, saying what to change) for an ``out_dir`` that is a file, lies
+    under a file, is a dangling symbolic link, is too long for the file system, or cannot be created or
+    written.
+    """
+    path = Path(os.path.expandvars(str(out_dir))).expanduser()
+    try:
+        _check_out_dir(path)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise CheckpointError(f"out_dir is too long for the file system ({len(str(path))} characters, or "
+                                  "a folder name over its limit); choose a shorter --out_dir") from None
+        raise CheckpointError(f"cannot use out_dir {path} ({e.strerror}); choose another --out_dir") from None
+    return path
+
+
+def _check_out_dir(path: Path) -> None:
+    advice = "choose another --out_dir"
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"out_dir {path} is a symbolic link to {os.readlink(path)}, which does not "
+                              f"exist; create the target or {advice}")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"out_dir {path} is a file, not a directory; {advice}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"out_dir {path} lies under {parent}, which is a file; {advice}")
+            break
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CheckpointError(f"out_dir {path} is not writable (permission denied); make it writable or "
+                              f"{advice}")
 
 
 class RunLock:
@@ -29,8 +66,11 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot open the run lock {self.path} ({e.strerror}); make "
+                                  f"{self.path.parent} writable or choose another --out_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -62,6 +102,30 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def active_holder(out_dir: str | Path) -> dict | None:
+    """Who holds ``out_dir``'s run lock, as {"pid", "host", "started"}, or None if nobody does.
+
+    Read without taking the lock, so a reader never gets in a starting run's way: the holder recorded
+    in the lock file counts while its process lives (on another host it is assumed alive). A run that
+    ended cleanly leaves the file empty.
+    """
+    try:
+        holder = json.loads((Path(out_dir) / LOCK_NAME).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return None
+    if holder.get("host") != socket.gethostname():
+        return holder
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except (ProcessLookupError, ValueError, OverflowError):
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    return holder
 
 
 def _read(fd: int) -> dict:

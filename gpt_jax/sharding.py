@@ -71,6 +71,26 @@ def make_mesh(devices: Any = None) -> Mesh:
     return Mesh(devices, (DATA,), axis_types=(AxisType.Auto,))
 
 
+def available_memory(device: Any = None) -> int:
+    """Bytes a computation can still allocate on ``device`` (default: the first device).
+
+    Accelerators report their allocator's limit less what is in use (``Device.memory_stats``); on a
+    CPU it is the host's available memory (``MemAvailable`` of /proc/meminfo, else free pages).
+    """
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_batch(cfg: Config, mesh: Mesh) -> None:
     n = mesh.size
     if cfg.batch_size % n:
@@ -95,8 +115,8 @@ def _fsdp_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
     return PartitionSpec(*[DATA if d == dims[0] else None for d in range(len(shape))])
 
 
-def state_shardings(abstract: Any, mesh: Mesh, fsdp: bool) -> Any:
-    """A NamedSharding per leaf of ``abstract`` (the train state's shapes): replicated, or FSDP."""
+def tree_shardings(abstract: Any, mesh: Mesh, fsdp: bool) -> Any:
+    """A NamedSharding per leaf of ``abstract`` (shapes of a pytree): replicated, or FSDP."""
     def leaf(x):
         return NamedSharding(mesh, _fsdp_spec(x.shape, mesh.size) if fsdp else PartitionSpec())
 

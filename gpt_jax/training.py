@@ -1,8 +1,9 @@
-"""Optimizer, train state, the jitted train and eval steps, and the training loop.
+"""The jitted train and eval steps, evaluation, and the training loop.
 
 The loop is a thin driver: ``train_step`` is one compiled function with the state donated, batches
-come from ``get_batch(split, step, seed)`` and the dropout key is ``fold_in(seed, step)``, so the whole
-run is a function of (config, data, step) and resuming from a checkpoint gives the same numbers.
+come from ``TokenData.get_batch(split, step, seed)`` and the dropout key is ``fold_in(seed, step)``, so
+the whole run is a function of (config, data, step) and resuming from a checkpoint gives the same
+numbers. The train state, optimizer and schedule are in ``gpt_jax.state``.
 
 Devices: the steps are compiled for a mesh (``gpt_jax.sharding``) with the batch split over its
 ``data`` axis and the state replicated or FSDP-sharded; one device is the same code with a mesh of one.
@@ -22,9 +23,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,85 +36,19 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from gpt_jax import sharding
-from gpt_jax.checkpoint import Checkpointer, config_from_metadata, make_metadata
-from gpt_jax.config import Config, expand, resume_differences, validate
+from gpt_jax.checkpoint import Checkpointer, make_metadata, resume_changes
+from gpt_jax.config import Config, validate
 from gpt_jax.data import TokenData, get_batch, load_data
-from gpt_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
-from gpt_jax.model import init_params, loss_fn
-from gpt_jax.runlock import RunLock
+from gpt_jax.errors import CheckpointError, ConfigError, NoCheckpointError, NonFiniteLossError
+from gpt_jax.model import loss_fn
+from gpt_jax.runlock import RunLock, prepare_out_dir
+from gpt_jax.state import TrainState, abstract_state, init_state, lr_schedule, make_optimizer, state_shardings
 from gpt_jax.xla_options import compiler_options
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar: the number of updates applied
-    params: Any
-    opt_state: Any
-
-
-def lr_schedule(cfg: Config) -> Callable[[jax.Array], jax.Array]:
-    """nanoGPT's schedule: linear warmup to learning_rate, cosine decay to min_lr, then min_lr."""
-    lr, min_lr, warmup, decay = cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters
-
-    def schedule(step: jax.Array) -> jax.Array:
-        if not cfg.decay_lr:
-            return jnp.asarray(lr, jnp.float32)
-        step = jnp.asarray(step, jnp.float32)
-        warm = lr * (step + 1) / (warmup + 1)
-        ratio = jnp.clip((step - warmup) / max(decay - warmup, 1), 0.0, 1.0)
-        cosine = min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (lr - min_lr)
-        return jnp.where(step < warmup, warm, jnp.where(step > decay, min_lr, cosine))
-
-    return schedule
-
-
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """AdamW with weight decay on weights of two or more dimensions only; global-norm clipping.
-
-    Dimensions are counted per layer: in the scanned layout (``params["h"]``) the leading layer axis
-    does not make a layer-norm scale a matrix.
-    """
-    def decay_mask(params):
-        def per_layer_ndim(path, p):
-            stacked = cfg.scan_layers and getattr(path[0], "key", None) == "h"
-            return p.ndim - stacked >= 2
-
-        return jax.tree_util.tree_map_with_path(per_layer_ndim, params)
-
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
-    # Always a chain, so the optimizer state has one structure whether or not grad_clip is set and a
-    # resume may change it; an infinite bound clips nothing.
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip if cfg.grad_clip > 0 else math.inf), adamw)
-
-
-def init_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
-    """A fresh train state; with a mesh, created directly in its shardings (same values)."""
-    def fresh() -> TrainState:
-        params = init_params(cfg, jax.random.PRNGKey(cfg.seed))
-        return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params))
-
-    if mesh is None:
-        return fresh()
-    return jax.jit(fresh, out_shardings=state_shardings(cfg, mesh))()
-
-
-def abstract_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
-    """Shapes and dtypes of the train state, without computing it: a restore target. With a mesh
-    the leaves carry their shardings there, so a checkpoint restores onto any device count."""
-    abstract = jax.eval_shape(lambda: init_state(cfg))
-    if mesh is None:
-        return abstract
-    return sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh, cfg.fsdp))
-
-
-def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
-    return sharding.state_shardings(jax.eval_shape(lambda: init_state(cfg)), mesh, cfg.fsdp)
 
 
 def dropout_key(cfg: Config, step: jax.Array) -> jax.Array:
     """The dropout key of ``step``. XLA's own generator ("rbg") rather than threefry: the same bits
-    for the same key on the same backend, and several seconds less compile time per dropout model
-    on CPU."""
+    for the same key on the same backend, and a shorter compile of every dropout model on CPU."""
     return jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), step)
 
 
@@ -189,7 +125,8 @@ def eval_batches(data: TokenData, split: str, cfg: Config) -> tuple[np.ndarray, 
 
 def evaluate(params: Any, cfg: Config, data: TokenData, batches: dict | None = None,
              mesh: Mesh | None = None) -> dict[str, float]:
-    """Mean loss over ``eval_iters`` batches of each split (the course's ``estimate_loss``).
+    """Mean loss in nats over ``eval_iters`` batches of each split (the course's ``estimate_loss``):
+    {"train": float, "val": float}.
 
     ``batches`` ({split: (xs, ys)} from ``eval_batches``) saves rebuilding them at every call; ``mesh``
     is the training mesh, when params are laid out on it.
@@ -204,13 +141,18 @@ class TrainResult:
     state: TrainState
     config: Config
     tokenizer: Any
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # the records of metrics.jsonl, resumed ones included
     best_val_loss: float
     stopped: str | None = None  # "SIGTERM" or "interrupt" when a signal ended the run early
+    checkpoint_step: int | None = None  # the newest checkpoint in out_dir at the end, if any
 
 
-def prepare(cfg: Config, data: TokenData | None = None) -> tuple[Config, TokenData]:
-    """Load the data and complete the config with its vocabulary size."""
+def setup_data(cfg: Config, data: TokenData | None = None) -> tuple[Config, TokenData]:
+    """Load the data (unless given) and complete ``cfg`` with its vocabulary size: (config, data).
+
+    Raises ConfigError for a ``vocab_size`` that contradicts the tokenizer, DataError for a corpus too
+    short for ``block_size``.
+    """
     data = data if data is not None else load_data(cfg)
     vocab = data.tokenizer.vocab_size
     if cfg.vocab_size not in (0, vocab):
@@ -221,36 +163,83 @@ def prepare(cfg: Config, data: TokenData | None = None) -> tuple[Config, TokenDa
     return cfg, data
 
 
+def check_memory(cfg: Config, mesh: Mesh) -> None:
+    """Refuse a model whose parameters, gradients and AdamW state alone exceed a device's free memory.
+
+    A lower bound (activations come on top), computed from shapes without allocating anything, so an
+    impossible model fails at once with a ConfigError instead of stalling in the allocator.
+    """
+    abstract = abstract_state(cfg)
+    state_b = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
+    params_b = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract.params))
+    need = (state_b + params_b) / (mesh.size if cfg.fsdp else 1)
+    device = mesh.devices.flat[0]
+    free = sharding.available_memory(device)
+    if need > free:
+        n = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+        raise ConfigError(
+            f"the model has {n:,} parameters and needs at least {need / 2**30:,.1f} GiB per device for them, "
+            f"their gradients and the AdamW state, but {device.platform} device {device.id} has "
+            f"{free / 2**30:,.1f} GiB free; lower n_embd or n_layer"
+            + ("" if cfg.fsdp or mesh.size == 1 else ", or shard the state with --fsdp=True"))
+
+
 def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None] | None = None,
           mesh: Mesh | None = None, exit_on_second_interrupt: bool = False) -> TrainResult:
-    """Train ``cfg`` from scratch or resume it (``init_from="resume"``); returns the final state.
+    """Train ``cfg`` from scratch, or continue ``out_dir``'s newest checkpoint (``init_from="resume"``,
+    or ``"auto"``: resume if there is one); returns the final state.
 
     ``mesh``: the devices to train on (default: all of them, over all processes). With several
     processes every one calls ``train``; only process 0 logs and writes metrics.
 
-    SIGTERM or Ctrl-C stops after the current step with a checkpoint (``TrainResult.stopped``); a
-    second Ctrl-C raises KeyboardInterrupt, or ends the process if ``exit_on_second_interrupt``.
+    Everything is checked (config, data, memory, ``out_dir``) before ``out_dir`` is locked or written.
+    SIGTERM or Ctrl-C during training stops after the current step with a checkpoint of that step
+    (``TrainResult.stopped``); a second Ctrl-C raises KeyboardInterrupt, or ends the process if
+    ``exit_on_second_interrupt`` (the command line, where signals before the first step also end it
+    at once, whatever it is doing).
     """
-    sharding.initialize_distributed(cfg.distributed)
-    mesh = mesh or sharding.make_mesh()
-    sharding.check_batch(cfg, mesh)
-    cfg, data = _prepare_everywhere(cfg, data)
-    primary = sharding.is_primary()
-    log = (log or (lambda msg: tqdm.write(msg))) if primary else (lambda msg: None)
-    out_dir = expand(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with _default_signals(exit_on_second_interrupt):
+        sharding.initialize_distributed(cfg.distributed)
+        mesh = mesh or sharding.make_mesh()
+        sharding.check_batch(cfg, mesh)
+        cfg, data = _setup_everywhere(cfg, data)
+        check_memory(cfg, mesh)
+        primary = sharding.is_primary()
+        log = (log or (lambda msg: tqdm.write(msg))) if primary else (lambda msg: None)
+        out_dir = prepare_out_dir(cfg.out_dir)
     with contextlib.ExitStack() as stack:
         if primary:
             stack.enter_context(RunLock(out_dir))
         ckpt = stack.enter_context(Checkpointer(out_dir, cfg.keep_checkpoints))
+        with _default_signals(exit_on_second_interrupt):
+            state, best_val, resumed = _initial_state(cfg, ckpt, data, log, mesh)
+        history = _Metrics(out_dir / "metrics.jsonl", int(state.step), resumed, write=primary)
+        if int(state.step) >= cfg.max_iters:
+            log(f"step {int(state.step)} already reached max_iters={cfg.max_iters}: nothing to train; pass a "
+                "larger --max_iters to continue")
         stop = stack.enter_context(StopSignals(hard_exit=exit_on_second_interrupt))
-        state, best_val = _initial_state(cfg, ckpt, data, log, mesh)
-        history = _Metrics(out_dir / "metrics.jsonl", int(state.step), cfg.init_from == "resume",
-                           write=primary)
         loop = _Loop(cfg, data, ckpt, history, best_val, log, mesh, stop)
         state = loop.run(state)
         ckpt.wait()
-    return TrainResult(state, cfg, data.tokenizer, history.records, loop.best_val, stop.reason)
+        steps = ckpt.steps()
+    return TrainResult(state, cfg, data.tokenizer, history.records, loop.best_val, stop.reason,
+                       steps[-1] if steps else None)
+
+
+@contextlib.contextmanager
+def _default_signals(active: bool) -> Iterator[None]:
+    """On a command line, SIGTERM and Ctrl-C end the process at once while nothing worth saving exists
+    yet: the kernel's default action works even while the process waits inside a compiler or an
+    allocator, where a Python handler would never run."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class StopSignals:
@@ -286,84 +275,117 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def _prepare_everywhere(cfg: Config, data: TokenData | None) -> tuple[Config, TokenData]:
-    """``prepare`` on every process; process 0 first, so a shared data_dir is written once."""
+def _setup_everywhere(cfg: Config, data: TokenData | None) -> tuple[Config, TokenData]:
+    """``setup_data`` on every process; process 0 first, so a shared data_dir is written once."""
     if jax.process_count() == 1 or data is not None:
-        return prepare(cfg, data)
+        return setup_data(cfg, data)
     from jax.experimental import multihost_utils
 
     if sharding.is_primary():
-        result = prepare(cfg)
-        multihost_utils.sync_global_devices("gpt_jax: data prepared")
+        result = setup_data(cfg)
+        multihost_utils.sync_global_devices("gpt_jax: data ready")
         return result
-    multihost_utils.sync_global_devices("gpt_jax: data prepared")
-    return prepare(cfg)
+    multihost_utils.sync_global_devices("gpt_jax: data ready")
+    return setup_data(cfg)
 
 
 def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log, mesh: Mesh
-                   ) -> tuple[TrainState, float]:
-    if cfg.init_from == "resume":
-        _check_resume_config(cfg, ckpt, log)
-        step, state, meta = ckpt.restore(abstract_state(cfg, mesh))
-        saved_vocab = meta.get("tokenizer", {}).get("chars")
-        if saved_vocab != data.tokenizer.chars:
-            raise CheckpointError(f"the checkpoint at step {step} was trained on another vocabulary "
-                                  f"than {data.source}; resume with the same dataset")
-        log(f"resuming from step {step} in {ckpt.directory}")
-        return state, meta["metrics"].get("best_val_loss", math.inf)
-    if ckpt.steps():
-        raise CheckpointError(
-            f"{cfg.out_dir} already holds checkpoints (steps {ckpt.steps()}); continue them with "
-            "--init_from=resume or choose another --out_dir"
-        )
-    return init_state(cfg, mesh), math.inf
+                   ) -> tuple[TrainState, float, bool]:
+    """(state, best validation loss so far, resumed?) as ``init_from`` asks."""
+    if cfg.init_from == "scratch":
+        if ckpt.steps():
+            raise CheckpointError(
+                f"{ckpt.directory.parent} already holds checkpoints (steps {ckpt.steps()}); continue them "
+                "with --init_from=resume (or auto), or choose another --out_dir")
+        return init_state(cfg, mesh), math.inf, False
+    changes: list[str] = []
 
+    def target_for(meta: dict[str, Any]) -> TrainState:
+        changes[:] = resume_changes(meta, cfg, data.tokenizer)
+        return abstract_state(cfg, mesh)
 
-def _check_resume_config(cfg: Config, ckpt: Checkpointer, log) -> None:
-    """Refuse a resume that changes the model; say which other settings changed."""
-    for step in ckpt.steps()[::-1]:
-        try:
-            saved = config_from_metadata(ckpt.restore_metadata(step))
-        except Exception:  # unreadable metadata: restore() warns about this step and skips it
-            continue
-        model, other = resume_differences(dataclasses.replace(saved, vocab_size=cfg.vocab_size), cfg)
-        if saved.vocab_size != cfg.vocab_size:
-            model.insert(0, f"vocab_size {saved.vocab_size} -> {cfg.vocab_size} (another dataset?)")
-        if model:
-            raise CheckpointError(f"cannot resume step {step} of {ckpt.directory.parent}: the model "
-                                  f"differs ({'; '.join(model)}); keep the saved values or start a "
-                                  "new --out_dir")
-        if other:
-            log(f"resuming with changed settings: {'; '.join(other)}")
-        return
+    try:
+        step, state, meta = ckpt.restore(target_for)
+    except NoCheckpointError:
+        if cfg.init_from == "resume":
+            raise NoCheckpointError(
+                f"--init_from=resume, but {ckpt.directory.parent} holds no checkpoint; train first, or pass "
+                "--init_from=auto to start fresh when there is none") from None
+        log(f"no checkpoint in {ckpt.directory.parent}: starting from scratch")
+        return init_state(cfg, mesh), math.inf, False
+    if changes:
+        log(f"resuming with changed settings: {'; '.join(changes)}")
+    log(f"resuming from step {step} in {ckpt.directory}")
+    return state, meta["metrics"].get("best_val_loss", math.inf), True
 
 
 class _Metrics:
-    """metrics.jsonl, one JSON object per line; on resume, lines past the restored step are dropped."""
+    """metrics.jsonl, one JSON object per line; on resume, lines past the restored step are dropped.
+
+    Log lines hold ``batch_loss`` (the loss of that step's batch); evaluation lines ``train_loss`` and
+    ``val_loss`` (estimates over ``eval_iters`` batches). ``elapsed_s`` counts training time across
+    resumes. A torn last line (a crash mid-write) is dropped with a warning.
+    """
 
     def __init__(self, path: Path, step: int, resume: bool, write: bool = True):
         self.path, self.records, self.write = path, [], write
         if resume and path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in lines if r["step"] <= step]
+            self.records = [r for r in self._read() if r.get("step", math.inf) <= step]
+        self.elapsed_before = max((r.get("elapsed_s", 0.0) for r in self.records), default=0.0)
         if write:
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self._write_all()
+
+    def _read(self) -> list[dict[str, Any]]:
+        records = []
+        try:
+            lines = self.path.read_bytes().decode("utf-8", "replace").split("\n")
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path} ({e.strerror}); make it readable or choose "
+                                  "another --out_dir") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip().strip("\0")
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+                records.append(record)
+            except ValueError:
+                warnings.warn(f"{self.path} line {number} is damaged (a crash while writing it?); "
+                              "dropping it", stacklevel=3)
+        return records
+
+    def _write_all(self) -> None:
+        try:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        except OSError as e:
+            raise CheckpointError(f"cannot write {self.path} ({e.strerror}); make it writable or choose "
+                                  "another --out_dir") from None
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if not self.write:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise CheckpointError(f"cannot write {self.path} ({e.strerror}); make it writable or choose "
+                                  "another --out_dir, then resume") from None
 
 
 class _Loop:
-    """Drives the compiled steps; syncs with the device only at log and eval steps."""
+    """Drives the compiled steps; syncs with the device only at log and eval steps.
+
+    ``run`` is the one place that shows the order of things: batch, step, NaN check, log, evaluate and
+    save, stop.
+    """
 
     def __init__(self, cfg: Config, data: TokenData, ckpt: Checkpointer, metrics: _Metrics,
-                 best_val: float, log: Callable[[str], None], mesh: Mesh, stop: StopSignals | None = None):
+                 best_val: float, log: Callable[[str], None], mesh: Mesh, stop: StopSignals):
         self.cfg, self.data, self.ckpt, self.metrics, self.log = cfg, data, ckpt, metrics, log
-        self.best_val, self.mesh, self.stop = best_val, mesh, stop or StopSignals()
+        self.best_val, self.mesh, self.stop = best_val, mesh, stop
         self.unchecked: list[tuple[int, jax.Array]] = []  # (step, loss) not yet checked for NaN
         self.train_step = make_train_step(cfg, mesh)
         self.accum = cfg.gradient_accumulation_steps
@@ -373,17 +395,18 @@ class _Loop:
             split: tuple(sharding.put_global(a, eval_sh) for a in eval_batches(data, split, cfg))
             for split in ("train", "val")}
         self.tokens_per_step = self.accum * cfg.batch_size * cfg.block_size
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - metrics.elapsed_before
 
     def run(self, state: TrainState) -> TrainState:
         cfg = self.cfg
         step = int(state.step)
         if step == 0:
             self._eval(state, step, {}, save=False)
-        bar = tqdm(total=cfg.max_iters, initial=step, disable=not (cfg.progress and self.metrics.write),
-                   unit="step", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=cfg.max_iters, initial=min(step, cfg.max_iters),
+                   disable=not (cfg.progress and self.metrics.write), unit="step", dynamic_ncols=True,
+                   leave=False)
         timer_step, timer = step, None  # the first interval starts after the first (compiling) step
-        while step < cfg.max_iters:
+        while step < cfg.max_iters and self.stop.reason is None:
             state, metrics = self.train_step(state, *self._batch(step))
             step += 1
             self.unchecked.append((step, metrics["loss"]))
@@ -392,22 +415,19 @@ class _Loop:
                 jax.block_until_ready(metrics)
                 timer_step, timer = step, time.perf_counter()
             is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-            stopping = self.stop.reason is not None
-            if step % cfg.log_interval == 0 or is_eval or stopping:
+            if step % cfg.log_interval == 0 or is_eval or self.stop.reason is not None:
                 self._check_finite()  # the host syncs here anyway
             if step % cfg.log_interval == 0 or is_eval:
                 record = self._log_record(step, metrics, timer_step, timer)
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                tok_s=f"{record['tokens_per_sec']:.0f}")
+                bar.set_postfix(loss=f"{record['batch_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
                 if is_eval:
                     self._eval(state, step, record, save=True)
                 else:
                     self.metrics.append(record)
                 timer_step, timer = step, time.perf_counter()
-            if stopping:
-                self._save_on_stop(state, step)
-                break
         bar.close()
+        if self.stop.reason is not None:  # also when the signal came during the last evaluation
+            self._save_on_stop(state, step)
         return state
 
     def _check_finite(self) -> None:
@@ -423,20 +443,24 @@ class _Loop:
     def _fail_non_finite(self, what: str) -> None:
         self.ckpt.wait()  # saves already started hold good states: let them complete
         good = self.ckpt.steps()
-        kept = (f"the last good checkpoint, step {good[-1]} in {self.ckpt.directory}, is untouched"
-                if good else "no checkpoint had been saved")
-        raise NonFiniteLossError(f"{what}; training stopped and {kept}. Lower --learning_rate (or raise "
-                                 "--warmup_iters or --grad_clip) and resume with --init_from=resume")
+        advice = "Lower --learning_rate (or raise --warmup_iters or --grad_clip)"
+        if good:
+            raise NonFiniteLossError(
+                f"{what}; training stopped, and the last good checkpoint, step {good[-1]} in "
+                f"{self.ckpt.directory}, is untouched. {advice} and continue it with --init_from=resume")
+        raise NonFiniteLossError(f"{what}; training stopped before any checkpoint was saved, so there is "
+                                 f"nothing to resume. {advice} and train again")
 
     def _save_on_stop(self, state: TrainState, step: int) -> None:
         """A stop signal: make sure a checkpoint of ``step`` exists, then end the run."""
+        self._check_finite()
         self.ckpt.wait()
         if step not in self.ckpt.steps():
             meta = {"step": step, "best_val_loss": self.best_val, "stopped": self.stop.reason}
             self.ckpt.save(step, state, make_metadata(self.cfg, self.data.tokenizer, meta))
             self.ckpt.wait()
         self.log(f"stopped by {self.stop.reason} at step {step}; checkpoint saved in {self.ckpt.directory}; "
-                 "continue with --init_from=resume")
+                 "continue with --init_from=resume (or auto)")
 
     def _batch(self, step: int) -> tuple[jax.Array, jax.Array]:
         """The training batch of ``step``: [B, T], or A micro-batches [A, B, T] drawn as one A * B batch
@@ -451,19 +475,16 @@ class _Loop:
         loss, lr = float(metrics["loss"]), float(metrics["lr"])  # the host sync of this interval
         steps = step - timer_step
         rate = self.tokens_per_step * steps / (time.perf_counter() - timer) if steps else 0.0
-        return {"step": step, "train_loss": loss, "lr": lr, "tokens_per_sec": rate,
+        return {"step": step, "batch_loss": loss, "lr": lr, "tokens_per_sec": rate,
                 "elapsed_s": time.perf_counter() - self.start}
 
     def _eval(self, state: TrainState, step: int, record: dict, save: bool) -> None:
         losses = evaluate(state.params, self.cfg, self.data, self.eval_data, self.mesh)
         if not all(math.isfinite(v) for v in losses.values()):
             self._fail_non_finite(f"the evaluation loss is {losses} at step {step}")
-        if record:  # the log record of this step: its batch loss moves aside for the estimates
-            record = {**record, "batch_loss": record["train_loss"]}
-        else:  # before the first update
-            record = {"step": step, "lr": float(lr_schedule(self.cfg)(step)), "tokens_per_sec": 0.0}
-        record.update(train_loss=losses["train"], val_loss=losses["val"],
-                      elapsed_s=time.perf_counter() - self.start)
+        record = record or {"step": step, "lr": float(lr_schedule(self.cfg)(step))}  # before any update
+        record = {**record, "train_loss": losses["train"], "val_loss": losses["val"],
+                  "elapsed_s": time.perf_counter() - self.start}
         improved = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
         self.log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 from gpt_jax import sharding, training  # noqa: E402
 from gpt_jax.config import make_config  # noqa: E402
+from gpt_jax.state import init_state  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, dropout=0.1, max_iters=20,
             warmup_iters=2, lr_decay_iters=20, eval_interval=10, eval_iters=2, log_interval=5,
@@ -30,7 +31,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, dropout
 
 def run_steps(cfg, mesh, steps: int = 2):
     """``steps`` updates on fixed random batches; returns (params on the host, losses)."""
-    state = training.init_state(cfg, mesh)
+    state = init_state(cfg, mesh)
     train_step = training.make_train_step(cfg, mesh)
     rng = np.random.default_rng(0)
     A, losses = cfg.gradient_accumulation_steps, []
