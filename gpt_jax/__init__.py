@@ -9,7 +9,7 @@ The names a notebook needs::
 
 from gpt_jax.checkpoint import Checkpointer, load_checkpoint
 from gpt_jax.config import Config, make_config
-from gpt_jax.data import TokenData, get_batch, load_data
+from gpt_jax.data import TokenData, load_data
 from gpt_jax.errors import (
     CheckpointError,
     ConfigError,
@@ -35,7 +35,7 @@ from gpt_jax.model import (
 )
 from gpt_jax.sampling import Generation, Generator, generate, generate_reference, sample_logits
 from gpt_jax.state import TrainState, abstract_state, init_state, lr_schedule, make_optimizer
-from gpt_jax.tokenizer import CharTokenizer
+from gpt_jax.tokenizer import CharTokenizer, normalize_text
 from gpt_jax.training import TrainResult, evaluate, make_train_step, setup_data, train
 
 __all__ = [
@@ -44,9 +44,9 @@ __all__ = [
     "NoCheckpointError", "NonFiniteLossError",
     "NonFiniteModelError", "RunLockedError", "TokenData",
     "TokenizerError", "TrainResult", "TrainState", "cached_logits_fn", "compute_dtype",
-    "count_params", "cross_entropy", "evaluate", "generate", "generate_reference", "get_batch",
+    "count_params", "cross_entropy", "evaluate", "generate", "generate_reference",
     "abstract_state", "init_cache", "init_params", "init_state", "load_checkpoint", "load_data",
     "logits_fn", "loss_fn", "lr_schedule", "make_config", "make_optimizer", "make_train_step",
-    "sample_logits", "setup_data", "train",
+    "normalize_text", "sample_logits", "setup_data", "train",
 ]
 __version__ = "0.1.0"

@@ -117,7 +117,7 @@ def resume_changes(meta: dict[str, Any], cfg: Config, tokenizer: CharTokenizer) 
     if model:
         other_data = saved.vocab_size != cfg.vocab_size or saved_chars != tokenizer.chars
         raise IncompatibleCheckpointError(
-            f"the model differs{' (another dataset?)' if other_data else ''}: {'; '.join(model)}; keep the "
+            f"the model differs{' (another dataset?)' if other_data else ''} ({'; '.join(model)}); keep the "
             "saved values, resume with the same dataset, or start a new --out_dir")
     return other
 
@@ -224,8 +224,8 @@ class Checkpointer:
         if not damaged:
             raise NoCheckpointError(f"no checkpoint steps in {self.directory}; train first")
         steps = "; ".join(f"step {s}: {r}" for s, r in damaged.items())
-        raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({steps}); restore the "
-                              "directory from a backup or train again")
+        raise CheckpointError(f"no usable checkpoint in {self.directory} ({steps}); restore the directory "
+                              "from a backup or train again")
 
     def _restore_step(self, step: int, target_for: Callable[[dict[str, Any]], Any]) -> Restored:
         path = self.directory / str(step)
@@ -237,8 +237,9 @@ class Checkpointer:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
             return Restored(step, restored["state"], restored["meta"])
-        except IncompatibleCheckpointError:
-            raise
+        except IncompatibleCheckpointError as e:
+            raise IncompatibleCheckpointError(f"cannot resume step {step} of {self.directory.parent}: {e}"
+                                              ) from None
         except Exception as e:  # orbax raises many types for unreadable or vanished data
             if _vanished(path, self.directory.parent):
                 raise _Vanished from None
@@ -333,8 +334,8 @@ def _advice(error: BaseException) -> str:
             return "permission denied: make the directory writable or choose another --out_dir"
         text += str(cause)
         cause = cause.__cause__ or cause.__context__
-    if "No space left" in text or "ENOSPC" in text or "RESOURCE_EXHAUSTED" in text:
-        return "the disk is full: free disk space or choose another --out_dir"
+    if any(sign in text for sign in ("No space left", "ENOSPC", "File too large", "Disk quota")):
+        return "free disk space (the disk is full) or choose another --out_dir"
     return "check that the disk has room and the directory is writable, or choose another --out_dir"
 
 

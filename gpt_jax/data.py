@@ -96,12 +96,6 @@ def random_windows(tokens: np.ndarray, step: int, seed: int, batch_size: int, bl
     return window_BxT1[:, :-1], window_BxT1[:, 1:]
 
 
-def get_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int, block_size: int,
-              stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The former name of ``random_windows``, kept while callers move to it."""
-    return random_windows(tokens, step, seed, batch_size, block_size, stream)
-
-
 def load_data(cfg: Config) -> TokenData:
     """The tokenised dataset named by ``cfg.dataset``, from the token cache when it checks out.
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from gpt_jax import sharding
 from gpt_jax.checkpoint import Checkpointer, make_metadata, resume_changes
 from gpt_jax.config import Config, validate
-from gpt_jax.data import TokenData, get_batch, load_data
+from gpt_jax.data import TokenData, load_data
 from gpt_jax.errors import CheckpointError, ConfigError, NoCheckpointError, NonFiniteLossError
 from gpt_jax.model import loss_fn
 from gpt_jax.runlock import RunLock, prepare_out_dir
@@ -110,30 +110,23 @@ def make_eval_step(cfg: Config, mesh: Mesh | None = None) -> Callable:
                    out_shardings=sharding.replicated(mesh))
 
 
-def eval_batches(data: TokenData, split: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed evaluation batches of a split: [eval_iters, B, T] each for x and y.
-
-    The same every evaluation (so successive estimates compare like with like) and drawn from their
-    own random stream, apart from the training batches.
-    """
-    tokens = data.split(split)
-    stream = 2 + ("train", "val").index(split)
-    pairs = [get_batch(tokens, i, cfg.seed, cfg.batch_size, cfg.block_size, stream)
-             for i in range(cfg.eval_iters)]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-
 def evaluate(params: Any, cfg: Config, data: TokenData, batches: dict | None = None,
              mesh: Mesh | None = None) -> dict[str, float]:
     """Mean loss in nats over ``eval_iters`` batches of each split (the course's ``estimate_loss``):
     {"train": float, "val": float}.
 
-    ``batches`` ({split: (xs, ys)} from ``eval_batches``) saves rebuilding them at every call; ``mesh``
+    ``batches`` ({split: (xs, ys)} from ``_eval_batches``) saves rebuilding them at every call; ``mesh``
     is the training mesh, when params are laid out on it.
     """
     eval_step = make_eval_step(cfg, mesh)
-    batches = batches or {split: eval_batches(data, split, cfg) for split in ("train", "val")}
+    batches = batches or _eval_batches(data, cfg)
     return {split: float(eval_step(params, *xy)) for split, xy in batches.items()}
+
+
+def _eval_batches(data: TokenData, cfg: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (xs, ys)}, the fixed evaluation batches [eval_iters, B, T] of both splits."""
+    return {split: data.eval_batches(split, cfg.seed, cfg.batch_size, cfg.block_size, cfg.eval_iters)
+            for split in ("train", "val")}
 
 
 @dataclasses.dataclass
@@ -391,9 +384,8 @@ class _Loop:
         self.accum = cfg.gradient_accumulation_steps
         self.batch_sh = sharding.batch_sharding(mesh, leading=int(self.accum > 1))
         eval_sh = sharding.batch_sharding(mesh, leading=1)
-        self.eval_data = {
-            split: tuple(sharding.put_global(a, eval_sh) for a in eval_batches(data, split, cfg))
-            for split in ("train", "val")}
+        self.eval_data = {split: tuple(sharding.put_global(a, eval_sh) for a in xy)
+                          for split, xy in _eval_batches(data, cfg).items()}
         self.tokens_per_step = self.accum * cfg.batch_size * cfg.block_size
         self.start = time.perf_counter() - metrics.elapsed_before
 

@@ -1,12 +1,15 @@
 import dataclasses
+import json
 import shutil
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
-from gpt_jax.checkpoint import Checkpointer, load_checkpoint
-from gpt_jax.errors import CheckpointError
+from gpt_jax.checkpoint import Checkpointer, config_from_metadata, load_checkpoint
+from gpt_jax.errors import CheckpointError, NoCheckpointError
+from gpt_jax.runlock import RunLock
 from gpt_jax.state import abstract_state, init_state
 from gpt_jax.training import setup_data, train
 
@@ -63,5 +66,124 @@ def test_no_good_step_is_a_clear_error(trained):
     directory = Checkpointer(trained.config.out_dir).directory
     for step in directory.iterdir():
         shutil.rmtree(step / "state")
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="could be restored .*step 20: "):
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint in .*step 20: "):
         load_checkpoint(trained.config.out_dir)
+
+
+def _edit_vocabulary(out_dir, edit):
+    for path in (Checkpointer(out_dir, read_only=True).directory).glob("*/meta/metadata"):
+        meta = json.loads(path.read_text())
+        meta["tokenizer"]["chars"] = edit(meta["tokenizer"]["chars"])
+        path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda chars: chars[1:], "vocabulary has 64 characters but the model has vocab_size 65"),
+    (lambda chars: chars + "é", "vocabulary has 66 characters but the model has vocab_size 65"),
+    (lambda chars: chars[:-1] + chars[-2], "duplicate"),
+    (lambda chars: "", "empty"),
+])
+def test_an_edited_vocabulary_is_refused_naming_the_checkpoint(trained, tmp_path, edit, problem):
+    out = tmp_path / "copy"
+    shutil.copytree(trained.config.out_dir, out)
+    _edit_vocabulary(out, edit)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError) as caught:
+        load_checkpoint(out)
+    message = str(caught.value)
+    assert str(out) in message and "step 20: " in message and problem in message
+    assert "\n" not in message
+
+
+def test_a_step_pruned_while_it_is_read_is_not_called_damaged(trained, monkeypatch):
+    """Between listing the steps and reading the newest, a running training prunes it: the reader lists
+    again and takes the next, without a warning."""
+    directory = Checkpointer(trained.config.out_dir, read_only=True).directory
+    pruned = []
+
+    def target_for(meta):
+        if not pruned:  # prune the step being read, as orbax does: rename it away
+            newest = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+            (directory / str(newest)).rename(directory.parent / "pruned-away")
+            pruned.append(newest)
+        return abstract_state(config_from_metadata(meta))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Checkpointer(trained.config.out_dir, read_only=True) as ckpt:
+            step, _, meta = ckpt.restore(target_for)
+    assert pruned == [20] and step == 10 == meta["metrics"]["step"]
+
+
+def test_listing_retries_when_a_step_vanishes_under_orbax(trained, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    real, calls = ocp.CheckpointManager, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError("checkpoints/355/_CHECKPOINT_METADATA")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ocp, "CheckpointManager", flaky)
+    params, cfg, _, meta = load_checkpoint(trained.config.out_dir)
+    assert len(calls) == 2 and meta["metrics"]["step"] == 20
+
+
+def test_a_save_in_progress_is_not_reported_but_an_abandoned_one_is(trained, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(trained.config.out_dir, out)
+    partial = out / "checkpoints" / "30.orbax-checkpoint-tmp-99"
+    partial.mkdir()
+    with RunLock(out):  # a live training writes here
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert load_checkpoint(out)[3]["metrics"]["step"] == 20
+    with pytest.warns(UserWarning, match="step 30 .* was never completed .* ignoring it"):
+        load_checkpoint(out)
+
+
+def test_a_failed_write_names_its_cause(tmp_path):
+    with Checkpointer(tmp_path / "run") as ckpt:
+        for error, advice in [(PermissionError(13, "Permission denied"), "permission denied: make the "),
+                              (OSError(28, "No space left on device"), "free disk space (the disk is full)")]:
+            ckpt._saving = 5
+
+            def fail(error=error):
+                raise error
+
+            with pytest.raises(CheckpointError, match=r"cannot write checkpoint step 5 .*") as caught:
+                ckpt._check(fail)
+            assert advice in str(caught.value)
+            assert ("free disk" in str(caught.value)) == ("No space" in str(error))
+
+
+def test_readers_while_a_training_saves_and_prunes(tmp_path, shakespeare_file, data_dir):
+    """load_checkpoint in a loop while train.py saves at every third step and keeps two: every read
+    returns a complete step, with no warning and no error."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, TINY, cli_args
+
+    out = tmp_path / "copy"
+    run = {**TINY, "max_iters": 90, "lr_decay_iters": 90, "eval_interval": 3, "eval_iters": 1,
+           "always_save_checkpoint": True, "keep_checkpoints": 2}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *cli_args(shakespeare_file, data_dir, out, run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    steps = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            while proc.poll() is None:
+                try:
+                    steps.append(load_checkpoint(out)[3]["metrics"]["step"])
+                except NoCheckpointError:
+                    time.sleep(0.05)  # not yet a first checkpoint
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1]
+    assert proc.returncode == 0, stderr[-2000:]
+    assert len(set(steps)) >= 3 and steps == sorted(steps)

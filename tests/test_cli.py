@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from conftest import ROOT, TINY, cli_args, run_script
 from gpt_jax.config import FIELDS
 from gpt_jax.errors import ConfigError, GptJaxError
+from gpt_jax.tokenizer import CharTokenizer, describe_characters
 
 
 def tiny_args(shakespeare_file, data_dir, out_dir):
@@ -100,7 +101,11 @@ def test_help_lists_every_option_with_its_default():
     assert result.returncode == 0
     for name in FIELDS:
         assert f"--{name}" in result.stdout
-    assert result.stdout.count("(default:") >= len(FIELDS)
+    for name, field in FIELDS.items():  # a description and the value the default preset gives it
+        assert field.metadata["help"].split()[0] in result.stdout, name
+    assert "context length in tokens [64]" in " ".join(result.stdout.split())  # shakespeare_char_cpu
+    bigram = " ".join(run_script("train.py", "configs/bigram.py", "--help").stdout.split())
+    assert "context length in tokens [8]" in bigram and "those of configs/bigram.py" in bigram
     sample = run_script("sample.py", "--help")
     for option in ("--out_dir", "--start", "--num_samples", "--max_new_tokens", "--temperature",
                    "--top_k", "--top_p", "--seed", "--stop", "--stream", "--interactive", "--window_keep"):
@@ -115,6 +120,12 @@ def _write(path: Path, content: str | bytes) -> Path:
 
 def _binary(tmp: Path) -> Path:
     return _write(tmp / "binary.txt", bytes(range(128, 256)))
+
+
+def _dangling(tmp: Path) -> Path:
+    link = tmp / "link"
+    link.symlink_to(tmp / "nowhere")
+    return link
 
 
 def _damaged_copy(trained: Path, tmp: Path) -> Path:
@@ -140,8 +151,32 @@ BAD_INPUTS = {
     "zero batch": ("train.py", lambda T, R: ["--batch_size=0"], "batch_size must be positive, got 0"),
     "min_lr above lr": ("train.py", lambda T, R: ["--learning_rate=0.1", "--min_lr=1"],
                         "min_lr (1.0) must not exceed learning_rate (0.1)"),
-    "unknown dtype": ("train.py", lambda T, R: ["--dtype=float16"],
+    "unknown dtype": ("train.py", lambda T, R: ["--dtype=float64"],
                       "dtype must be one of auto, float32, bfloat16"),
+    "nanoGPT's float16": ("train.py", lambda T, R: ["--dtype=float16"], "dtype=float16 is not offered"),
+    "nanoGPT's --device": ("train.py", lambda T, R: ["--device=cpu"],
+                           "device is a nanoGPT setting with no counterpart here: JAX uses every GPU or TPU "
+                           "it finds, else the CPU; to force the CPU run with the environment variable "
+                           "JAX_PLATFORMS=cpu"),
+    "nanoGPT's --compile": ("train.py", lambda T, R: ["--compile=False"], "always compiled with jax.jit"),
+    "nanoGPT's gpt2 init": ("train.py", lambda T, R: ["--init_from=gpt2"],
+                            "loading GPT-2 weights is not available yet"),
+    "negative seed": ("train.py", lambda T, R: [*_tiny(T, "seed"), "--seed=-1"],
+                      "seed must be in [0, 2**32)"),
+    "huge seed": ("train.py", lambda T, R: [*_tiny(T, "seed"), f"--seed={2**64}"],
+                  "seed must be in [0, 2**32)"),
+    "model too large": ("train.py", lambda T, R: [*_tiny(T, "huge"), "--n_embd=100000", "--n_head=1"],
+                        "GiB free; lower n_embd or n_layer"),
+    "out_dir is a file": ("train.py", lambda T, R: [*_tiny(T, "x", out=_write(T / "file", "x"))],
+                          "is a file, not a directory"),
+    "out_dir under a file": ("train.py", lambda T, R: [*_tiny(T, "x", out=_write(T / "f2", "x") / "run")],
+                             "which is a file"),
+    "out_dir a dangling link": ("train.py", lambda T, R: [*_tiny(T, "x", out=_dangling(T))],
+                                "is a symbolic link to"),
+    "out_dir too long": ("train.py", lambda T, R: [*_tiny(T, "x", out=T / ("o" * 300))],
+                         "out_dir is too long for the file system"),
+    "config path with a folder": ("train.py", lambda T, R: ["my_experiments/bigram.py"],
+                                  "config file 'my_experiments/bigram.py' not found"),
     "option without value": ("train.py", lambda T, R: ["--max_iters"], "expected one argument"),
     "cuDNN on a CPU": ("train.py", lambda T, R: [*_tiny(T, "cudnn"), "--attention=cudnn"],
                        "attention=cudnn cannot run: it needs an NVIDIA GPU"),
@@ -172,7 +207,7 @@ BAD_INPUTS = {
                                                       f"--data_dir={T}"], "holds no .txt files"),
     # checkpoints
     "resume with nothing": ("train.py", lambda T, R: [*_tiny(T, "none"), "--init_from=resume"],
-                            "no checkpoint steps"),
+                            "holds no checkpoint; train first, or pass --init_from=auto"),
     "scratch over a run": ("train.py", lambda T, R: _tiny(T, "x", out=R), "already holds checkpoints"),
     "resume another model": ("train.py", lambda T, R: [*_tiny(T, "x", out=R), "--init_from=resume",
                              "--n_layer=3"],
@@ -248,8 +283,6 @@ PROMPT_VOCAB = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 def _generator():
     from gpt_jax.config import make_config
     from gpt_jax.sampling import Generator, make_settings
-    from gpt_jax.tokenizer import CharTokenizer
-
     tok = CharTokenizer.from_text(PROMPT_VOCAB)
     cfg = make_config(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8)
     return tok, Generator(cfg, make_settings(cfg))
@@ -266,10 +299,10 @@ def test_any_prompt_text_is_cropped_or_refused_with_a_clear_error(text):
         cropped = generator.crop(tok.encode(text))
     except GptJaxError as e:
         unknown = tok.unknown(text)
-        assert (f"outside the vocabulary: {''.join(unknown)!r}" in str(e)) if unknown else (
-            text == "" and "the prompt is empty" in str(e))
+        assert (f"outside the vocabulary: {describe_characters(unknown)};" in str(e)) if unknown else (
+            tok.normalize(text) == "" and "the prompt is empty" in str(e))
         return
-    assert tok.decode(cropped) == text[-16:]
+    assert tok.decode(cropped) == tok.normalize(text)[-16:]
 
 
 @settings(max_examples=100, deadline=None)

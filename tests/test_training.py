@@ -120,3 +120,99 @@ def test_accumulation_scan_and_remat_train_like_the_plain_step(tiny_cfg, shakesp
         if "val_loss" in r and same_eval:
             assert abs(r["val_loss"] - s["val_loss"]) < 1e-5
 
+
+
+def test_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(tiny_cfg):
+    """A run killed before its first checkpoint left only metrics: auto starts it again, resume says
+    what to do; once a checkpoint exists, auto continues it."""
+    out = tiny_cfg_out(tiny_cfg)
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 0, "val_loss": 4.2}\n')
+    with pytest.raises(CheckpointError, match="holds no checkpoint; train first, or pass --init_from=auto"):
+        train(dataclasses.replace(tiny_cfg, init_from="resume"))
+    logged = []
+    first = train(dataclasses.replace(tiny_cfg, init_from="auto"), log=logged.append)
+    assert logged[0].startswith("no checkpoint in ") and int(first.state.step) == 20
+    again = train(dataclasses.replace(tiny_cfg, init_from="auto", max_iters=30), log=logged.append)
+    assert "resuming from step 20" in " ".join(logged) and int(again.state.step) == 30
+
+
+def test_elapsed_time_continues_across_a_resume_and_max_iters_reached_is_said(tiny_cfg):
+    first = train(dataclasses.replace(tiny_cfg, always_save_checkpoint=True))
+    logged = []
+    second = train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=30), log=logged.append)
+    before = first.history[-1]["elapsed_s"]
+    assert all(r["elapsed_s"] > before for r in second.history if r["step"] > 20)
+    done = []
+    third = train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=30), log=done.append)
+    assert int(third.state.step) == 30
+    assert any("step 30 already reached max_iters=30: nothing to train; pass a larger --max_iters" in m
+               for m in done)
+
+
+def test_a_torn_last_metrics_line_does_not_block_a_resume(tiny_cfg):
+    train(dataclasses.replace(tiny_cfg, always_save_checkpoint=True))
+    path = tiny_cfg_out(tiny_cfg) / "metrics.jsonl"
+    with path.open("ab") as f:
+        f.write(b'{"step": 21, "batch_lo' + b"\0" * 40)  # a crash in the middle of a write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl line \d+ is damaged"):
+        result = train(dataclasses.replace(tiny_cfg, init_from="resume", max_iters=30))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 10, 20, 30] and lines == result.history
+
+
+def test_an_unwritable_metrics_file_is_a_one_line_error(tiny_cfg):
+    (tiny_cfg_out(tiny_cfg) / "metrics.jsonl").mkdir(parents=True)  # stands in for a read-only file
+    with pytest.raises(CheckpointError, match=r"cannot write .*metrics.jsonl \(Is a directory\); make it "
+                                              "writable or choose another --out_dir"):
+        train(tiny_cfg)
+
+
+def test_a_stop_signal_during_the_last_evaluation_leaves_a_checkpoint(tiny_cfg):
+    """The validation loss never improves (learning rate 0), so no evaluation saves; SIGTERM arriving
+    while the final evaluation runs must still leave a checkpoint of that step."""
+    import os
+    import signal
+
+    cfg = dataclasses.replace(tiny_cfg, learning_rate=0.0, min_lr=0.0)
+
+    def log(message):
+        if message.startswith(f"step {cfg.max_iters}:"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = train(cfg, log=log)
+    assert result.stopped == "SIGTERM" and result.checkpoint_step == cfg.max_iters
+    assert load_checkpoint(cfg.out_dir)[3]["metrics"]["stopped"] == "SIGTERM"
+
+
+def test_a_run_that_never_improves_reports_no_checkpoint(tiny_cfg):
+    result = train(dataclasses.replace(tiny_cfg, learning_rate=0.0, min_lr=0.0))
+    assert result.checkpoint_step is None and not (tiny_cfg_out(tiny_cfg) / "checkpoints" / "10").exists()
+
+
+def test_nan_before_any_checkpoint_says_there_is_nothing_to_resume(tiny_cfg):
+    from gpt_jax.errors import NonFiniteLossError
+
+    cfg = dataclasses.replace(tiny_cfg, learning_rate=1e30, min_lr=1e30, warmup_iters=0, grad_clip=0.0)
+    with pytest.raises(NonFiniteLossError, match="before any checkpoint was saved, so there is nothing to "
+                                                 "resume. Lower --learning_rate .* and train again"):
+        train(cfg)
+
+
+def test_signals_keep_their_default_action_while_the_state_is_built(tiny_cfg, monkeypatch):
+    """On the command line nothing is worth saving before the first step, and a Python handler cannot
+    run while the process waits in a compiler or an allocator: SIGTERM and Ctrl-C must kill."""
+    import signal
+
+    from gpt_jax import training
+
+    seen = []
+    real = training.init_state
+
+    def spy(cfg, mesh=None):
+        seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return real(cfg, mesh)
+
+    monkeypatch.setattr(training, "init_state", spy)
+    train(tiny_cfg, exit_on_second_interrupt=True)
+    assert seen == [(signal.SIG_DFL, signal.SIG_DFL)]
