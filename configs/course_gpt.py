@@ -1,4 +1,5 @@
-"""The course's GPT: post-norm blocks, constant learning rate AdamW (torch's defaults), no clipping."""
+"""The course's GPT: post-norm blocks, its own output layer (lm_head), constant learning rate AdamW (torch's
+defaults), no clipping."""
 dataset = "tiny_shakespeare"
 out_dir = "out-course-gpt"
 
@@ -10,6 +11,7 @@ batch_size = 32
 dropout = 0.2
 bias = True
 norm_position = "post"
+tie_embeddings = False
 
 learning_rate = 3e-4
 decay_lr = False

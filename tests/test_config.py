@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from gpt_jax.config import CONFIGS_DIR, Config, make_config, parse_overrides, read_preset
+from gpt_jax.config import FIELDS, Config, make_config, parse_overrides, preset_path, presets, read_preset
 from gpt_jax.errors import ConfigError
 
 
@@ -17,13 +17,13 @@ def test_presets_hold_nanogpts_recipes():
     course = make_config("course_gpt")
     assert (course.n_layer, course.n_head, course.n_embd, course.block_size) == (4, 4, 384, 128)
     assert (course.batch_size, course.dropout, course.learning_rate) == (32, 0.2, 3e-4)
-    assert course.norm_position == "post"
+    assert course.norm_position == "post" and not course.tie_embeddings  # the course's own lm_head
     assert make_config("bigram").model == "bigram"
 
 
 def test_every_preset_is_valid():
-    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.py"))
-    assert {"bigram", "shakespeare_char", "shakespeare_char_cpu", "course_gpt"} <= set(names)
+    names = presets()
+    assert {"bigram", "shakespeare_char", "shakespeare_char_cpu", "course_gpt"} == set(names)
     for name in names:
         make_config(name)
 
@@ -66,3 +66,45 @@ def test_preset_files_hold_only_assignments(tmp_path):
     unknown.write_text("n_layers = 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'n_layers'"):
         read_preset(str(unknown))
+
+
+def test_presets_are_found_from_any_directory_but_a_mistyped_path_is_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert preset_path("configs/bigram.py") == preset_path("bigram")
+    assert preset_path("bigram").read_text().startswith('"""The course\'s first model')
+    for missing in ("my_experiments/bigram.py", "configs/nope.py", "nope"):
+        with pytest.raises(ConfigError, match=f"config file {missing!r} not found; give an existing file"):
+            preset_path(missing)
+    mine = tmp_path / "my_experiments" / "bigram.py"
+    mine.parent.mkdir()
+    mine.write_text("n_layer = 3\n")
+    assert read_preset("my_experiments/bigram.py") == {"n_layer": 3}
+
+
+def test_every_key_has_a_one_line_description():
+    for name, field in FIELDS.items():
+        help_text = field.metadata.get("help", "")
+        assert help_text and "\n" not in help_text and len(help_text) < 100, name
+
+
+@pytest.mark.parametrize("key", ["device", "compile", "wandb_log", "backend"])
+def test_nanogpt_habits_get_the_jax_way(key):
+    with pytest.raises(ConfigError, match=f"{key} is a nanoGPT setting with no counterpart here: "):
+        parse_overrides([f"--{key}=x"])
+
+
+def test_course_gpt_starts_at_chance():
+    """An untied output layer: the first loss is about ln V, as in the course (tied, it was 5.63 on a
+    63-character corpus)."""
+    import math
+
+    import jax
+    import numpy as np
+
+    from gpt_jax.model import init_params, loss_fn
+
+    cfg = make_config("course_gpt", vocab_size=63, dropout=0.0)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(0).integers(0, 63, (4, cfg.block_size + 1), dtype=np.int32)
+    loss = float(loss_fn(params, cfg, tokens[:, :-1], tokens[:, 1:]))
+    assert abs(loss - math.log(63)) < 0.15, loss
