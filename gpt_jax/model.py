@@ -19,28 +19,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt_jax.attention import cached_attention, causal_attention, compute_dtype, empty_layer_cache
 from gpt_jax.config import Config
 from gpt_jax.errors import ConfigError
 
+__all__ = ["GPT", "Bigram", "build_model", "cached_logits_fn", "compute_dtype", "count_params",
+           "cross_entropy", "for_decoding", "init_cache", "init_params", "logits_fn", "loss_fn",
+           "sinusoidal_positions", "stack_layers", "unstack_layers", "weight_decay_mask"]
+
 _INIT_STD = 0.02
-ATTENTION_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}  # max |fused - xla| on unit-scale outputs
-
-
-def compute_dtype(cfg: Config) -> jnp.dtype:
-    """The dtype activations are computed in: bfloat16 on GPU and TPU, float32 on CPU, unless set."""
-    if cfg.dtype == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    return jnp.dtype(cfg.dtype)
 
 
 def _normal(std: float = _INIT_STD):
     return nn.initializers.normal(stddev=std)
+
+
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...]) -> jax.Array:
+    """A parameter of ``module`` drawn from N(0, 0.02), stored in float32, used in the compute dtype."""
+    return module.param(name, _normal(), shape).astype(compute_dtype(module.config))
 
 
 def _embed(table_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
@@ -56,86 +57,6 @@ def _embed(table_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
         return (one_hot_NxV @ table_VxD).reshape(B, T, D)
     return jnp.take(table_VxD, tokens_BxT, axis=0)
 
-def attention_xla(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
-                  visible_TxS: jax.Array, dropout: Callable | None = None) -> jax.Array:
-    """Softmax attention written out (the reference): [B, T, H, K]; softmax in float32."""
-    scores_BxHxTxS = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxSxHxK) / math.sqrt(q_BxTxHxK.shape[-1])
-    scores_BxHxTxS = jnp.where(visible_TxS, scores_BxHxTxS.astype(jnp.float32), -jnp.inf)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(q_BxTxHxK.dtype)
-    if dropout is not None:
-        probs_BxHxTxS = dropout(probs_BxHxTxS)
-    return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxS, v_BxSxHxK)
-
-
-def attention_cudnn(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array) -> jax.Array:
-    """Causal flash attention from cuDNN (NVIDIA GPUs; bfloat16 or float16)."""
-    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
-                                        implementation="cudnn")
-
-
-def attention_pallas(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array) -> jax.Array:
-    """Causal flash attention, the Pallas TPU kernel (T a multiple of its 128-wide tiles)."""
-    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
-
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
-    y_BxHxTxK = flash_attention(q, k, v, causal=True, sm_scale=1.0 / math.sqrt(q.shape[-1]))
-    return y_BxHxTxK.transpose(0, 2, 1, 3)
-
-
-_PALLAS_TILE = 128
-
-
-def _cudnn_unsupported(cfg: Config) -> str | None:
-    """Why cuDNN flash attention cannot run this model here, or None if it can."""
-    device = jax.devices()[0]
-    if jax.default_backend() != "gpu" or not hasattr(device, "compute_capability"):
-        return f"it needs an NVIDIA GPU (this backend is {jax.default_backend()})"
-    capability = float(device.compute_capability)
-    if capability < 8.0:
-        return f"it needs an Ampere or newer GPU (compute capability {capability} < 8.0)"
-    if compute_dtype(cfg) not in (jnp.bfloat16, jnp.float16):
-        return "it needs bfloat16 compute (set dtype=bfloat16 or auto)"
-    limit = 256 if capability >= 9.0 else 128
-    if cfg.head_dim % 8 or cfg.head_dim > limit:
-        return (f"it needs a head size (n_embd / n_head = {cfg.head_dim}) that is a multiple of 8 "
-                f"and <= {limit}")
-    return None
-
-
-def _pallas_unsupported(cfg: Config, T: int) -> str | None:
-    if jax.default_backend() != "tpu":
-        return f"it runs on TPUs only (this backend is {jax.default_backend()})"
-    if T % _PALLAS_TILE:
-        return f"it needs a sequence length that is a multiple of {_PALLAS_TILE}, got {T}"
-    return None
-
-
-def attention_impl(cfg: Config, T: int, *, with_dropout: bool) -> str:
-    """The kernel the uncached attention of ``T`` tokens uses: "xla", "cudnn" or "pallas".
-
-    Fused kernels have no dropout on the attention weights, so while that dropout is active (training
-    with ``dropout > 0``) "auto" uses XLA, and an explicit fused choice is an error rather than a
-    silently different model. Evaluation and generation are deterministic and use the fused kernel.
-    """
-    choice = cfg.attention
-    if choice == "xla":
-        return choice
-    if choice == "auto":
-        if with_dropout:
-            return "xla"
-        if jax.default_backend() == "gpu" and _cudnn_unsupported(cfg) is None:
-            return "cudnn"
-        if jax.default_backend() == "tpu" and _pallas_unsupported(cfg, T) is None:
-            return "pallas"
-        return "xla"
-    reason = _cudnn_unsupported(cfg) if choice == "cudnn" else _pallas_unsupported(cfg, T)
-    if reason is None and with_dropout:
-        reason = (f"fused kernels have no attention-weight dropout (dropout={cfg.dropout}); set "
-                  "dropout=0 or attention=auto, which uses XLA while dropout is active")
-    if reason is not None:
-        raise ConfigError(f"attention={choice} cannot run: {reason}; use attention=auto or xla")
-    return choice
-
 
 class Bigram(nn.Module):
     """The course's first model: the next token's logits are a row of a V x V table."""
@@ -145,62 +66,10 @@ class Bigram(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, *, deterministic: bool = True, cache: dict | None = None):
         V = self.config.vocab_size
-        table_VxV = self.param("table", _normal(), (V, V))
-        logits_BxTxV = _embed(table_VxV.astype(compute_dtype(self.config)), tokens_BxT)
+        logits_BxTxV = _embed(_weight(self, "table", (V, V)), tokens_BxT)
         if cache is None:
             return logits_BxTxV
         return logits_BxTxV, {**cache, "pos": cache["pos"] + tokens_BxT.shape[1]}
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused qkv projection.
-
-    With a layer cache ({"k", "v"}: [B, H, W, K], W = block_size) the T new tokens sit at positions
-    ``pos .. pos + T - 1``: their keys and values are written into the cache and the queries attend
-    to every cached position up to their own (always XLA). Without one, the T tokens attend among
-    themselves with the kernel ``attention_impl`` picks.
-    """
-
-    config: Config
-
-    @nn.compact
-    def __call__(self, x_NxD: jax.Array, T: int, *, deterministic: bool, layer_cache: dict | None = None,
-                 pos: jax.Array | None = None):
-        cfg = self.config
-        N, D = x_NxD.shape
-        B, H, K = N // T, cfg.n_head, cfg.head_dim
-        qkv_Nx3D = _dense(cfg, 3 * D, "c_attn")(x_NxD)
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_Nx3D.reshape(B, T, 3 * H, K), 3, axis=2)
-        with_dropout = not deterministic and cfg.dropout > 0
-        if layer_cache is None:
-            impl = attention_impl(cfg, T, with_dropout=with_dropout)
-            if impl == "cudnn":
-                y_BxTxHxK = attention_cudnn(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
-            elif impl == "pallas":
-                y_BxTxHxK = attention_pallas(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
-            else:
-                visible_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-                attn_dropout = functools.partial(nn.Dropout(cfg.dropout), deterministic=deterministic)
-                y_BxTxHxK = attention_xla(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, visible_TxT, attn_dropout)
-        else:
-            # The cache is kept as [B, H, W, K], the layout of the attention products: a step then
-            # transposes only its own T new rows, never the whole cache.
-            def write(entries_BxHxWxK, new_BxTxHxK):
-                return jax.lax.dynamic_update_slice_in_dim(
-                    entries_BxHxWxK, new_BxTxHxK.astype(entries_BxHxWxK.dtype).transpose(0, 2, 1, 3),
-                    pos, axis=2)
-
-            layer_cache = {"k": write(layer_cache["k"], k_BxTxHxK), "v": write(layer_cache["v"], v_BxTxHxK)}
-            keys_BxHxSxK = layer_cache["k"].astype(q_BxTxHxK.dtype)
-            scores_BxHxTxS = jnp.einsum("bqhk,bhtk->bhqt", q_BxTxHxK, keys_BxHxSxK) / math.sqrt(K)
-            S = keys_BxHxSxK.shape[2]
-            visible_TxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
-            scores_BxHxTxS = jnp.where(visible_TxS, scores_BxHxTxS.astype(jnp.float32), -jnp.inf)
-            probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(q_BxTxHxK.dtype)
-            y_BxTxHxK = jnp.einsum("bhqt,bhtk->bqhk", probs_BxHxTxS,
-                                   layer_cache["v"].astype(q_BxTxHxK.dtype))
-        y_NxD = _residual_proj(cfg, D, "c_proj")(y_BxTxHxK.reshape(N, D))
-        return nn.Dropout(cfg.dropout)(y_NxD, deterministic=deterministic), layer_cache
 
 
 def _dense(cfg: Config, features: int, name: str, std: float = _INIT_STD) -> nn.Dense:
@@ -214,7 +83,43 @@ def _residual_proj(cfg: Config, features: int, name: str) -> nn.Dense:
     return _dense(cfg, features, name, std=_INIT_STD / math.sqrt(2 * cfg.n_layer))
 
 
+def _layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
+    # Statistics are computed in float32 whatever the compute dtype (Flax's default).
+    return nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=compute_dtype(cfg), name=name)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused qkv projection.
+
+    Without a layer cache the T tokens attend among themselves (``attention.causal_attention``, which
+    picks the kernel). With one ({"k", "v"}: [B, H, W, K]) they are new tokens at positions
+    ``pos .. pos + T - 1`` and attend to everything cached before them as well
+    (``attention.cached_attention``); the updated layer cache is returned next to the output.
+    """
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_NxD: jax.Array, T: int, *, deterministic: bool, layer_cache: dict | None = None,
+                 pos: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        N, D = x_NxD.shape
+        qkv_Nx3D = _dense(cfg, 3 * D, "c_attn")(x_NxD)
+        qkv_BxTx3HxK = qkv_Nx3D.reshape(N // T, T, 3 * cfg.n_head, cfg.head_dim)
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_BxTx3HxK, 3, axis=2)
+        if layer_cache is None:
+            training = not deterministic and cfg.dropout > 0
+            attn_dropout = nn.Dropout(cfg.dropout, deterministic=False) if training else None
+            y_BxTxHxK = causal_attention(cfg, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, attn_dropout)
+        else:
+            y_BxTxHxK, layer_cache = cached_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, layer_cache, pos)
+        y_NxD = _residual_proj(cfg, D, "c_proj")(y_BxTxHxK.reshape(N, D))
+        return nn.Dropout(cfg.dropout)(y_NxD, deterministic=deterministic), layer_cache
+
+
 class MLP(nn.Module):
+    """Linear to 4D, GELU (tanh approximation, as GPT-2), linear back to D; dropout."""
+
     config: Config
 
     @nn.compact
@@ -227,30 +132,31 @@ class MLP(nn.Module):
         return nn.Dropout(cfg.dropout)(y_NxD, deterministic=deterministic)
 
 
-def _layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
-    # Statistics are computed in float32 whatever the compute dtype (Flax's default).
-    return nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=compute_dtype(cfg), name=name)
-
-
 class Block(nn.Module):
-    """Attention then MLP, each with a residual connection; layer norm before (pre) or after (post)."""
+    """Attention then MLP, each with a residual connection; layer norm before (pre) or after (post).
+
+    Returns the residual stream [N, D] and the layer's cache (None without one).
+    """
 
     config: Config
 
     @nn.compact
     def __call__(self, x_NxD: jax.Array, T: int, deterministic: bool, layer_cache: dict | None = None,
-                 pos: jax.Array | None = None):
+                 pos: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         cfg = self.config
-        attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
+        attn = functools.partial(CausalSelfAttention(cfg, name="attn"), T=T, deterministic=deterministic,
+                                 layer_cache=layer_cache, pos=pos)
+        mlp = functools.partial(MLP(cfg, name="mlp"), deterministic=deterministic)
         ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
-        if cfg.norm_position == "pre":
-            a_NxD, layer_cache = attn(ln_1(x_NxD), T, deterministic=deterministic,
-                                      layer_cache=layer_cache, pos=pos)
+        if cfg.norm_position == "pre":  # GPT-2
+            a_NxD, layer_cache = attn(ln_1(x_NxD))
             x_NxD = x_NxD + a_NxD
-            return x_NxD + mlp(ln_2(x_NxD), deterministic=deterministic), layer_cache
-        a_NxD, layer_cache = attn(x_NxD, T, deterministic=deterministic, layer_cache=layer_cache, pos=pos)
-        x_NxD = ln_1(x_NxD + a_NxD)
-        return ln_2(x_NxD + mlp(x_NxD, deterministic=deterministic)), layer_cache
+            x_NxD = x_NxD + mlp(ln_2(x_NxD))
+        else:  # the original Transformer
+            a_NxD, layer_cache = attn(x_NxD)
+            x_NxD = ln_1(x_NxD + a_NxD)
+            x_NxD = ln_2(x_NxD + mlp(x_NxD))
+        return x_NxD, layer_cache
 
 
 class _LayerStep(nn.Module):
@@ -281,6 +187,32 @@ def sinusoidal_positions(positions_T: jax.Array, D: int) -> jax.Array:
     return jnp.stack([jnp.sin(angles_TxHalf), jnp.cos(angles_TxHalf)], axis=-1).reshape(T, D)
 
 
+def _unrolled_layers(cfg: Config, x_NxD: jax.Array, T: int, deterministic: bool, cache: dict | None
+                     ) -> tuple[jax.Array, tuple[dict, ...]]:
+    """The blocks ``h_0 .. h_{L-1}`` one after the other: the residual stream and the layer caches."""
+    # remat's static arguments count self as 0: T and deterministic are 2 and 3.
+    block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat and cache is None else Block
+    pos = None if cache is None else cache["pos"]
+    layer_caches = []
+    for i in range(cfg.n_layer):
+        layer_cache = None if cache is None else cache["layers"][i]
+        x_NxD, layer_cache = block(cfg, name=f"h_{i}")(x_NxD, T, deterministic, layer_cache, pos)
+        layer_caches.append(layer_cache)
+    return x_NxD, tuple(layer_caches)
+
+
+def _layers(cfg: Config, x_NxD: jax.Array, T: int, deterministic: bool, cache: dict | None
+            ) -> tuple[jax.Array, tuple[dict, ...]]:
+    """The ``n_layer`` blocks, scanned or unrolled: the residual stream [N, D] and the layer caches."""
+    if not cfg.scan_layers:
+        return _unrolled_layers(cfg, x_NxD, T, deterministic, cache)
+    if cache is not None:
+        raise ConfigError("the KV cache needs the layers unrolled: call cached_logits_fn, which "
+                          "unstacks them (unstack_layers)")
+    x_NxD, _ = _scanned_layers(cfg, T, deterministic)(x_NxD, None)
+    return x_NxD, ()
+
+
 class GPT(nn.Module):
     """Token embedding + positions, ``n_layer`` blocks, final layer norm, output layer.
 
@@ -295,37 +227,30 @@ class GPT(nn.Module):
         cfg = self.config
         (B, T), D, V = tokens_BxT.shape, cfg.n_embd, cfg.vocab_size
         pos = 0 if cache is None else cache["pos"]
-        dtype = compute_dtype(cfg)
-        wte_VxD = self.param("wte", _normal(), (V, D)).astype(dtype)
-        if cfg.pos_encoding == "learned":
-            wpe_WxD = self.param("wpe", _normal(), (cfg.block_size, D)).astype(dtype)
-            pos_TxD = wpe_WxD[:T] if cache is None else jax.lax.dynamic_slice_in_dim(wpe_WxD, pos, T)
-        else:
-            pos_TxD = sinusoidal_positions(pos + jnp.arange(T), D).astype(dtype)
-        x_BxTxD = _embed(wte_VxD, tokens_BxT) + pos_TxD
+        wte_VxD = _weight(self, "wte", (V, D))
+        x_BxTxD = _embed(wte_VxD, tokens_BxT) + self._positions(pos, T)
         x_NxD = nn.Dropout(cfg.dropout)(x_BxTxD.reshape(B * T, D), deterministic=deterministic)
-        layers = []
-        if cfg.scan_layers:
-            if cache is not None:
-                raise ConfigError("the KV cache needs the layers unrolled: call cached_logits_fn, which "
-                                  "unstacks them (unstack_layers)")
-            x_NxD, _ = _scanned_layers(cfg, T, deterministic)(x_NxD, None)
-        else:
-            # remat's static arguments count self as 0: T and deterministic are 2 and 3.
-            block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat and cache is None else Block
-            for i in range(cfg.n_layer):
-                layer_cache = None if cache is None else cache["layers"][i]
-                x_NxD, layer_cache = block(cfg, name=f"h_{i}")(x_NxD, T, deterministic, layer_cache, pos)
-                layers.append(layer_cache)
+        x_NxD, layer_caches = _layers(cfg, x_NxD, T, deterministic, cache)
         x_NxD = _layer_norm(cfg, "ln_f")(x_NxD)
-        if cfg.tie_embeddings:
-            logits_NxV = x_NxD @ wte_VxD.T
-        else:
-            logits_NxV = _dense(dataclasses.replace(cfg, bias=False), V, "lm_head")(x_NxD)
-        logits_BxTxV = logits_NxV.reshape(B, T, V)
+        logits_BxTxV = self._lm_head(wte_VxD, x_NxD).reshape(B, T, V)
         if cache is None:
             return logits_BxTxV
-        return logits_BxTxV, {"pos": pos + T, "layers": tuple(layers)}
+        return logits_BxTxV, {"pos": pos + T, "layers": layer_caches}
+
+    def _positions(self, pos: int | jax.Array, T: int) -> jax.Array:
+        """The position encodings of positions ``pos .. pos + T - 1``: [T, D]."""
+        cfg = self.config
+        if cfg.pos_encoding == "learned":
+            wpe_WxD = _weight(self, "wpe", (cfg.block_size, cfg.n_embd))
+            return jax.lax.dynamic_slice_in_dim(wpe_WxD, pos, T)
+        return sinusoidal_positions(pos + jnp.arange(T), cfg.n_embd).astype(compute_dtype(cfg))
+
+    def _lm_head(self, wte_VxD: jax.Array, x_NxD: jax.Array) -> jax.Array:
+        """Logits [N, V]: the token embedding transposed (tied), or a layer of its own without bias."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            return x_NxD @ wte_VxD.T
+        return _dense(dataclasses.replace(cfg, bias=False), cfg.vocab_size, "lm_head")(x_NxD)
 
 
 @functools.lru_cache(maxsize=32)
@@ -393,8 +318,7 @@ def init_cache(cfg: Config, batch_size: int, dtype: jnp.dtype | None = None) -> 
     Stored in the compute dtype unless ``dtype`` is given.
     """
     dtype = dtype or compute_dtype(cfg)
-    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_dim)
-    layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    layers = tuple(empty_layer_cache(cfg, batch_size, dtype)
                    for _ in range(cfg.n_layer if cfg.model == "gpt" else 0))
     return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
 
@@ -427,4 +351,22 @@ def loss_fn(params: dict, cfg: Config, tokens_BxT: jax.Array, targets_BxT: jax.A
 
 
 def count_params(params: dict) -> int:
+    """The number of parameters (scalars) in ``params``."""
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def weight_decay_mask(params: dict, cfg: Config) -> dict:
+    """Which parameters weight decay applies to: a pytree of bool shaped like ``params``.
+
+    True for weights that are matrices per layer (two or more dimensions: the embeddings, linear
+    kernels, the bigram table), False for biases and layer-norm scales (nanoGPT's
+    ``configure_optimizers`` splits the same way). Dimensions are counted per layer: in the scanned
+    layout (``cfg.scan_layers``, ``params["h"]``) the leading layer axis does not make a layer-norm
+    scale a matrix. ``params`` may be arrays or shapes (``jax.ShapeDtypeStruct``).
+    """
+    def decays(path: tuple, p: jax.Array) -> bool:
+        stacked = cfg.scan_layers and getattr(path[0], "key", None) == "h"
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+

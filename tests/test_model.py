@@ -1,6 +1,7 @@
 import dataclasses
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,6 @@ import pytest
 
 from gpt_jax import model
 from gpt_jax.config import make_config
-from gpt_jax.errors import ConfigError
 from gpt_jax.model import count_params, cross_entropy, init_params
 
 # Compiled, as every caller in the library uses them; op-by-op Flax is slow.
@@ -186,46 +186,28 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss():
     assert cache["layers"][0]["k"].dtype == jnp.bfloat16
 
 
-def _reference_attention(q, k, v):
-    T = q.shape[1]
-    return model.attention_xla(q, k, v, jnp.tril(jnp.ones((T, T), dtype=bool)))
+def _decay_by_role(mask) -> dict[str, bool]:
+    """{parameter path with the layer index dropped: decayed?}, the same for either layout."""
+    by_role: dict[str, set[bool]] = {}
+    for path, decays in jax.tree_util.tree_leaves_with_path(mask):
+        role = re.sub(r"\['h_\d+'\]|\['h'\]\['block'\]", "[layer]", jax.tree_util.keystr(path))
+        by_role.setdefault(role, set()).add(bool(decays))
+    assert all(len(v) == 1 for v in by_role.values()), by_role  # every layer alike
+    return {role: v.pop() for role, v in by_role.items()}
 
 
-def test_pallas_flash_attention_matches_xla():
-    """The TPU kernel, run by Pallas's interpreter on CPU: forward and gradients within 1e-5."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    B, T, H, K = 1, 128, 2, 32
-    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, H, K)) for i in range(3))
-    tol = model.ATTENTION_TOLERANCE["float32"]
-    with pltpu.force_tpu_interpret_mode():
-        out = model.attention_pallas(q, k, v)
-        grads = jax.grad(lambda *a: model.attention_pallas(*a).sum(), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(out, _reference_attention(q, k, v), atol=tol)
-    ref_grads = jax.grad(lambda *a: _reference_attention(*a).sum(), argnums=(0, 1, 2))(q, k, v)
-    for g, r in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, atol=tol)
-
-
-def test_attention_choice():
-    cfg = make_config(**BASE)
-    assert model.attention_impl(cfg, 16, with_dropout=False) == "xla"  # auto on CPU
-    for choice, needs in (("cudnn", "NVIDIA GPU"), ("pallas", "TPUs only")):
-        message = f"attention={choice} cannot run: .*{needs}.*use attention=auto"
-        with pytest.raises(ConfigError, match=message):
-            model.attention_impl(dataclasses.replace(cfg, attention=choice), 128, with_dropout=False)
-    with pytest.raises(ConfigError, match="attention=cudnn cannot run"):  # refused at trace time too
-        logits_fn(init_params(cfg, jax.random.PRNGKey(0)), dataclasses.replace(cfg, attention="cudnn"),
-                  tokens(1, 16))
-
-
-def test_auto_attention_keeps_attention_dropout_on_xla(monkeypatch):
-    """On a GPU that runs cuDNN, auto takes it for deterministic calls and XLA while attention
-    dropout is active; an explicit fused choice with dropout is refused, not silently changed."""
-    monkeypatch.setattr(model.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(model, "_cudnn_unsupported", lambda cfg: None)
-    cfg = make_config(**{**BASE, "dropout": 0.1})
-    assert model.attention_impl(cfg, 16, with_dropout=False) == "cudnn"
-    assert model.attention_impl(cfg, 16, with_dropout=True) == "xla"
-    with pytest.raises(ConfigError, match="no attention-weight dropout"):
-        model.attention_impl(dataclasses.replace(cfg, attention="cudnn"), 16, with_dropout=True)
+def test_weight_decay_mask_decays_matrices_not_biases_or_norms_in_either_layout():
+    cfg = make_config(**{**BASE, "bias": True, "tie_embeddings": False})
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    decay = _decay_by_role(model.weight_decay_mask(params, cfg))
+    matrices = {"['wte']", "['wpe']", "['lm_head']['kernel']", "[layer]['attn']['c_attn']['kernel']",
+                "[layer]['attn']['c_proj']['kernel']", "[layer]['mlp']['c_fc']['kernel']",
+                "[layer]['mlp']['c_proj']['kernel']"}
+    assert {role for role, d in decay.items() if d} == matrices
+    assert "[layer]['ln_1']['scale']" in decay and "[layer]['mlp']['c_fc']['bias']" in decay
+    scanned = dataclasses.replace(cfg, scan_layers=True)
+    stacked = model.stack_layers(params, scanned)
+    assert stacked["h"]["block"]["ln_1"]["scale"].ndim == 2  # [L, D]: a matrix only by its layer axis
+    assert _decay_by_role(model.weight_decay_mask(stacked, scanned)) == decay
+    bigram = make_config(**{**BASE, "model": "bigram"})
+    assert model.weight_decay_mask(init_params(bigram, jax.random.PRNGKey(0)), bigram) == {"table": True}
