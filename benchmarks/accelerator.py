@@ -63,8 +63,9 @@ def speed(shape: str, overrides: dict, steps: int, repeats: int, warmup: int, pe
     from cpu_speed import time_steps
 
     from gpt_jax import sharding
+    from gpt_jax.attention import attention_impl, compute_dtype
     from gpt_jax.config import make_config
-    from gpt_jax.model import attention_impl, compute_dtype, count_params
+    from gpt_jax.model import count_params
     from gpt_jax.training import init_state, make_train_step
 
     preset, shape_values = SHAPES[shape]

@@ -6,7 +6,7 @@ On an NVIDIA GPU: cuDNN flash attention; on a TPU: the Pallas kernel; on a CPU: 
 Pallas's interpreter (the same check the test suite runs). For each, the forward output and the
 gradients of q, k and v are compared with ``attention_xla`` on the same bfloat16 inputs (float32 on
 CPU), and a whole GPT loss with ``attention=<kernel>`` with the loss under ``attention=xla``.
-Tolerances are ``model.ATTENTION_TOLERANCE``. Exits 1 if any comparison fails.
+Tolerances are ``attention.ATTENTION_TOLERANCE``. Exits 1 if any comparison fails.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gpt_jax import model  # noqa: E402
+from gpt_jax import attention, model  # noqa: E402
 from gpt_jax.config import make_config  # noqa: E402
 
 
@@ -29,13 +29,13 @@ def main() -> int:
     backend = jax.default_backend()
     kernel = {"gpu": "cudnn", "tpu": "pallas", "cpu": "pallas"}.get(backend)
     dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
-    tol = model.ATTENTION_TOLERANCE[jnp.dtype(dtype).name]
+    tol = attention.ATTENTION_TOLERANCE[jnp.dtype(dtype).name]
     context = contextlib.nullcontext()
     if backend == "cpu":
         from jax.experimental.pallas import tpu as pltpu
 
         context = pltpu.force_tpu_interpret_mode()
-    fused = {"cudnn": model.attention_cudnn, "pallas": model.attention_pallas}[kernel]
+    fused = {"cudnn": attention.attention_cudnn, "pallas": attention.attention_pallas}[kernel]
     failures = 0
     B, H, K = (4, 6, 64) if backend != "cpu" else (1, 2, 64)  # the interpreter is slow
     for T in ((256, 1024) if backend != "cpu" else (256,)):
@@ -43,7 +43,7 @@ def main() -> int:
         visible = jnp.tril(jnp.ones((T, T), dtype=bool))
 
         def ref(q, k, v, visible=visible):
-            return model.attention_xla(q, k, v, visible)
+            return attention.attention_xla(q, k, v, visible)
 
         with context:
             out = jax.jit(fused)(q, k, v)

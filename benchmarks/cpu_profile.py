@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 from cpu_speed import compiled_step, time_steps  # noqa: E402
 
-from gpt_jax import model  # noqa: E402
+from gpt_jax import attention  # noqa: E402
 
 
 def op_times(trace_dir: str, steps: int) -> dict[str, tuple[float, float]]:
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.without_attention:
-        model.attention_xla = lambda q, k, v, visible, dropout=None: q + k + v
+        attention.attention_xla = lambda q, k, v, visible, dropout=None: q + k + v
     _, state, x, y, step, _ = compiled_step(args.preset)
     times, state = time_steps(step, state, x, y, args.steps, repeats=3)
     times = [t * 1000 for t in times]
