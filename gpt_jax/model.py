@@ -1,12 +1,13 @@
 """The models, in Flax Linen: the course's Bigram and a GPT. The only file that imports Flax.
 
-Outside this file a model is a params pytree and the pure functions ``init_params``, ``logits_fn`` and
-``loss_fn``. Shapes are named in variables: B batch, T time, D n_embd, H heads, K head size,
-V vocabulary, F the MLP width (4D), N = B * T.
+Outside this file a model is a params pytree and the pure functions ``init_params``, ``logits_fn``,
+``loss_fn`` and ``weight_decay_mask``. Attention itself (kernels, kernel choice, the KV-cache step) is
+plain functions in ``attention.py``. Shapes are named in variables: B batch, T time, D n_embd,
+H heads, K head size, V vocabulary, F the MLP width (4D), N = B * T.
 
 The residual stream is kept flat, [N, D]: XLA's CPU backend turns the weight gradients of a 3-D
-activation (a contraction over both B and T) into slow transposing copies, and a flat stream halves
-the time of a train step there while changing nothing on accelerators.
+activation (a contraction over both B and T) into slow transposing copies, which a flat stream avoids
+(benchmarks/cpu_profile.py shows where a step's time goes); on accelerators it changes nothing.
 
 How the model is computed is configurable without changing what it computes: the compute ``dtype``
 (parameters stay float32; layer norm statistics, softmax and the loss are float32), the ``attention``
@@ -24,13 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# compute_dtype is also imported from here (gpt_jax.model.compute_dtype) by other modules.
 from gpt_jax.attention import cached_attention, causal_attention, compute_dtype, empty_layer_cache
 from gpt_jax.config import Config
 from gpt_jax.errors import ConfigError
-
-__all__ = ["GPT", "Bigram", "build_model", "cached_logits_fn", "compute_dtype", "count_params",
-           "cross_entropy", "for_decoding", "init_cache", "init_params", "logits_fn", "loss_fn",
-           "sinusoidal_positions", "stack_layers", "unstack_layers", "weight_decay_mask"]
 
 _INIT_STD = 0.02
 
@@ -255,6 +253,7 @@ class GPT(nn.Module):
 
 @functools.lru_cache(maxsize=32)
 def build_model(cfg: Config) -> nn.Module:
+    """The Flax module of ``cfg`` (GPT or Bigram), one per config. Raises ConfigError without a vocab_size."""
     if cfg.vocab_size <= 0:
         raise ConfigError("vocab_size is not set; take it from the tokenizer (tokenizer.vocab_size)")
     return GPT(cfg) if cfg.model == "gpt" else Bigram(cfg)
@@ -347,6 +346,7 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
 
 def loss_fn(params: dict, cfg: Config, tokens_BxT: jax.Array, targets_BxT: jax.Array,
             dropout_key: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy (nats, float32 scalar) of ``targets`` [B, T]; dropout only with a key."""
     return cross_entropy(logits_fn(params, cfg, tokens_BxT, dropout_key), targets_BxT)
 
 
