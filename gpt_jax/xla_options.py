@@ -17,10 +17,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 @functools.cache
 def compiler_options() -> dict[str, str] | None:
     """For the train and eval steps on CPU: matrix products through XLA's Eigen path rather than its
-    YNNPACK fusions: 53-56 against 70-80 ms per shakespeare_char_cpu step, interleaved runs on a
-    2-core x86 machine (benchmarks/cpu_speed.py; host memory kept in both). The cached
-    decode loop is faster with YNNPACK and does not use this. Nothing changes on other backends.
-    On CPU this also keeps freed host memory (``keep_freed_host_memory``)."""
+    YNNPACK fusions, which measured slower for the train step (``benchmarks/cpu_speed.py`` compares
+    them); the cached decode loop measured the other way and does not use this. Nothing changes on
+    other backends. On CPU this also keeps freed host memory (``keep_freed_host_memory``)."""
     if jax.default_backend() != "cpu":
         return None
     keep_freed_host_memory()
@@ -31,11 +30,11 @@ def compiler_options() -> dict[str, str] | None:
 def keep_freed_host_memory() -> bool:
     """Ask glibc's malloc to keep the memory a process frees instead of handing it back to the OS.
 
-    XLA's CPU runtime allocates the temporaries of every call afresh: 40 MB per train step of the
-    ``shakespeare_char_cpu`` preset. glibc serves blocks that large with ``mmap`` and unmaps them on
-    free, so every step page-faults and zeroes 10,000 new pages: 30-35 ms of an 80 ms step on a
-    2-core machine (``benchmarks/cpu_speed.py``: 80 -> 47 ms). Taking large blocks from the heap and
-    never trimming it lets each step reuse the pages of the last. Process-wide: a process keeps the
+    XLA's CPU runtime allocates the temporaries of every call afresh, tens of megabytes per train step
+    of the ``shakespeare_char_cpu`` preset (``compiled.memory_analysis()``). glibc serves blocks that
+    large with ``mmap`` and unmaps them on free, so every step page-faults and zeroes thousands of new
+    pages, a large share of a small model's step (``benchmarks/cpu_speed.py`` measures it). Taking
+    large blocks from the heap and never trimming it lets each step reuse the pages of the last. Process-wide: a process keeps the
     memory it has peaked at. Returns whether the setting took (False without glibc, e.g. on macOS).
     """
     try:
