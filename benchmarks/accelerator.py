@@ -66,7 +66,8 @@ def speed(shape: str, overrides: dict, steps: int, repeats: int, warmup: int, pe
     from gpt_jax.attention import attention_impl, compute_dtype
     from gpt_jax.config import make_config
     from gpt_jax.model import count_params
-    from gpt_jax.training import init_state, make_train_step
+    from gpt_jax.state import init_state
+    from gpt_jax.training import make_train_step
 
     preset, shape_values = SHAPES[shape]
     cfg = make_config(preset, **{**shape_values, **overrides})

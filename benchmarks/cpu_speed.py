@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 from gpt_jax.config import make_config  # noqa: E402
 from gpt_jax.model import count_params  # noqa: E402
-from gpt_jax.training import init_state, make_train_step  # noqa: E402
+from gpt_jax.state import init_state  # noqa: E402
+from gpt_jax.training import make_train_step  # noqa: E402
 
 
 def compiled_step(preset: str, vocab_size: int = 65):
