@@ -244,7 +244,7 @@ class Checkpointer:
             if _vanished(path, self.directory.parent):
                 raise _Vanished from None
             reason = _one_line(e) if isinstance(e, GptJaxError) else f"{type(e).__name__}: {_one_line(e)}"
-            raise _Damaged(reason[:240]) from None
+            raise _Damaged(reason[:400]) from None
 
     def close(self) -> None:
         """Finish background work. A save that failed was reported by ``wait``/``save``; its leftovers
@@ -314,8 +314,13 @@ def _quiet_storage_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: BaseException) -> str:
+    """The first line of ``error``, without tensorstore's long specs; when it only points further
+    down ("See full TensorStore details"), the first line of its cause instead."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    cause = error.__cause__ or error.__context__
+    if "See full TensorStore details" in text and cause is not None:
+        return _one_line(cause)
     return text.split(" [tensorstore_spec=", 1)[0]
 
 

@@ -67,6 +67,7 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise CheckpointError(f"cannot open the run lock {self.path} ({e.strerror}); make "

@@ -302,3 +302,18 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkp
     assert meta["metrics"]["step"] == 20
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_damaged_step_is_one_warning_line_on_the_command_line(damaged_source, tmp_path):
+    """Falling back from a corrupted step says so in one line, naming the cause, with no traceback of
+    the storage library's."""
+    out = tmp_path / "out"
+    shutil.copytree(damaged_source.out_dir, out)
+    _corrupt(out / "checkpoints" / "20")
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}",
+                             "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "tokens in" in lines[1], result.stderr[-3000:]
+    assert lines[0].startswith("sample.py: warning: checkpoint step 20 in ")
+    assert "Error reading" in lines[0] and lines[0].endswith("trying an older step")
