@@ -1,19 +1,28 @@
-"""Generation: the cached loop against full recomputation and against nanoGPT's crop; controls."""
+"""Generation: the cached loop against full recomputation and against nanoGPT's crop; batches of prompts;
+chunks; controls; what is refused (bad prompts, non-finite models, requests too large for memory)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import model
+from gpt_jax import model, sharding
 from gpt_jax.config import make_config
-from gpt_jax.errors import ConfigError
+from gpt_jax.errors import ConfigError, GenerationTooLargeError, NonFiniteModelError
 from gpt_jax.model import init_params
-from gpt_jax.sampling import Generator, generate, generate_reference, make_settings, sample_logits
+from gpt_jax.sampling import (
+    Generation,
+    Generator,
+    generate,
+    generate_reference,
+    make_settings,
+    sample_logits,
+)
 
 W = 8
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=W, vocab_size=11, dropout=0.0)
 CFG = make_config(**BASE)
+KEY = jax.random.PRNGKey(0)
 logits_fn = jax.jit(model.logits_fn, static_argnums=1)
 
 
@@ -41,10 +50,24 @@ def same(a, b):
         np.array_equal(x, y) for x, y in zip(a.tokens, b.tokens, strict=True))
 
 
+def joined(generations):
+    """The rows of several Generations, one after another."""
+    return Generation([t for g in generations for t in g.tokens],
+                      [p for g in generations for p in g.logprobs], max(g.steps for g in generations))
+
+
+def run(params, prompts, n, cached=True, **settings):
+    """A Generator with explicit settings (``chunk`` included), called once."""
+    generator = Generator(CFG, make_settings(CFG, max_new_tokens=n, **settings), cached=cached)
+    return generator(params, prompts, KEY)
+
+
+# --- exactness: the cached loop is the model -----------------------------------------------------------
+
 @pytest.mark.parametrize("prompt_len, n", [(1, 5), (3, 12), (W, 20), (W + 5, 7)])
 def test_full_window_mode_is_nanogpts_crop(params, prompt_len, n):
     prompt = [(3 * i + 1) % 11 for i in range(prompt_len)]
-    out = generate(params, CFG, prompt, jax.random.PRNGKey(0), n, temperature=0.0, window_keep=W)
+    out = generate(params, CFG, prompt, KEY, n, temperature=0.0, window_keep=W)
     assert out.tokens[0].tolist() == nanogpt_greedy(params, CFG, prompt, n)
     assert len(set(out.tokens[0].tolist())) > 1
 
@@ -100,6 +123,92 @@ def test_samples_are_reproducible_and_differ_across_rows(params):
     assert len({tuple(t.tolist()) for t in a.tokens}) > 1
 
 
+# --- batches of prompts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_batch_gives_each_prompt_what_it_gives_alone_prompt_major(params, temperature):
+    """[B, P] prompts x n samples -> B * n rows: all samples of prompt 0, then of prompt 1 (never the
+    prompts run as one); sample s of a prompt does not depend on the other prompts."""
+    prompts = np.array([[1, 2, 3], [4, 5, 6]])
+    batch = generate(params, CFG, prompts, KEY, 20, temperature=temperature, num_samples=2)
+    alone = [generate(params, CFG, p, KEY, 20, temperature=temperature, num_samples=2) for p in prompts]
+    assert len(batch.tokens) == 4 and same(batch, joined(alone))
+
+
+def test_prompts_of_different_lengths_come_back_in_input_order(params):
+    """A list of prompts of any lengths: grouped by length to run, returned in the order given."""
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8, 9, 10, 0], [2, 3]]
+    batch = generate(params, CFG, prompts, KEY, 12, temperature=0.0, num_samples=2)
+    alone = [generate(params, CFG, p, KEY, 12, temperature=0.0, num_samples=2) for p in prompts]
+    assert same(batch, joined(alone))
+
+
+def test_batches_cached_equal_recomputed(params):
+    prompts = [[1, 2, 3], [4], [5, 6, 7], [8, 9, 10, 0, 1, 2, 3, 4, 5, 6]]  # the last one longer than W
+    kwargs = dict(temperature=0.9, num_samples=2)
+    cached = generate(params, CFG, prompts, KEY, 30, **kwargs)
+    assert same(cached, generate_reference(params, CFG, prompts, KEY, 30, **kwargs))
+    assert len(cached.tokens) == 8
+
+
+def test_streaming_a_batch_reports_each_row_in_its_place(params):
+    seen: dict[int, list[int]] = {}
+
+    def on_token(step, tokens_B, done_B):
+        for row in np.flatnonzero(~done_B):
+            seen.setdefault(int(row), []).append(int(tokens_B[row]))
+
+    out = generate(params, CFG, [[1, 2], [3], [4, 5]], KEY, 6, num_samples=2, on_token=on_token)
+    assert [seen[r] for r in range(6)] == [t.tolist() for t in out.tokens]
+
+
+# --- chunks: memory does not grow with max_new_tokens, and nothing changes --------------------------------
+
+def cut_at_first_stop(tokens, stops):
+    """The tokens before the first stop sequence to be completed."""
+    tokens = tokens.tolist()
+    for end in range(len(tokens) + 1):
+        for stop in stops:
+            if end >= len(stop) and tokens[end - len(stop):end] == stop:
+                return tokens[:end - len(stop)]
+    return tokens
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunking_changes_nothing(params, chunk):
+    """In chunks of a few steps, past the window (2 + 30 > 8) and with stops that span chunk boundaries,
+    one of them longer than the window: the same rows as the reference in one chunk."""
+    kwargs = dict(temperature=1.0, num_samples=3)
+    free = run(params, [4, 7], 30, **kwargs)
+    stops = [free.tokens[0][5:7].tolist(), free.tokens[1][12:23].tolist()]  # 2 and 11 tokens
+    expected = [cut_at_first_stop(t, stops) for t in free.tokens]
+    assert len(expected[0]) == 5 and len(expected[1]) == 12  # each stop is the first one of its row
+    chunked = run(params, [4, 7], 30, chunk=chunk, stops=stops, **kwargs)
+    assert [t.tolist() for t in chunked.tokens] == expected
+    assert same(chunked, run(params, [4, 7], 30, cached=False, stops=stops, **kwargs))
+
+
+def test_many_default_chunks_equal_the_reference(params):
+    """More tokens than one default chunk (256 steps) holds."""
+    kwargs = dict(temperature=0.9, num_samples=3, window_keep=None)
+    cached = generate(params, CFG, [1, 2, 3], KEY, 600, **kwargs)
+    assert same(cached, generate_reference(params, CFG, [1, 2, 3], KEY, 600, **kwargs))
+    assert cached.steps == 600
+
+
+def test_one_compile_serves_any_prompt_length_and_any_max_new_tokens(params):
+    gen = Generator(CFG, make_settings(CFG, max_new_tokens=6, temperature=0.0, window_keep=W, chunk=5))
+    gen.compile(params)
+    compiled = dict(gen._compiled)
+    for prompt, n in (([1], 6), ([1, 2, 3, 4, 5], 40), (list(range(11)) * 2, 3)):
+        settings = make_settings(CFG, max_new_tokens=n, temperature=0.0, window_keep=W, chunk=5)
+        out = Generator(CFG, settings)(params, prompt, KEY)
+        assert out.tokens[0].tolist() == nanogpt_greedy(params, CFG, prompt[-W:], n)
+        assert gen._compiled == compiled
+
+
+# --- controls ---------------------------------------------------------------------------------------------
+
 def test_stop_sequences_cut_each_sample(params):
     key = jax.random.PRNGKey(3)
     free = generate(params, CFG, [1], key, 40, num_samples=4)
@@ -113,9 +222,8 @@ def test_stop_sequences_cut_each_sample(params):
 
 
 def test_all_stopped_ends_the_loop(params):
-    out = generate(params, CFG, [1], jax.random.PRNGKey(0), 50, temperature=0.0,
-                   stops=[[int(generate(params, CFG, [1], jax.random.PRNGKey(0), 1,
-                                        temperature=0.0).tokens[0][0])]])
+    out = generate(params, CFG, [1], KEY, 50, temperature=0.0,
+                   stops=[[int(generate(params, CFG, [1], KEY, 1, temperature=0.0).tokens[0][0])]])
     assert out.steps == 1 and out.tokens[0].size == 0
 
 
@@ -128,18 +236,8 @@ def test_streaming_reports_every_token_in_order(params):
     assert [t[1] for _, t in seen] == out.tokens[1].tolist()
 
 
-def test_one_compile_serves_prompts_of_any_length(params):
-    gen = Generator(CFG, make_settings(CFG, max_new_tokens=6, temperature=0.0, window_keep=W))
-    gen.prepare(params)
-    compiled = gen._compiled
-    for prompt in ([1], [1, 2, 3, 4, 5], list(range(11)) * 2):
-        out = gen(params, prompt, jax.random.PRNGKey(0))
-        assert out.tokens[0].tolist() == nanogpt_greedy(params, CFG, prompt[-W:], 6)
-        assert gen._compiled is compiled
-
-
 def test_top_k_one_is_greedy(params):
-    greedy = generate(params, CFG, [3], jax.random.PRNGKey(0), 10, temperature=0.0)
+    greedy = generate(params, CFG, [3], KEY, 10, temperature=0.0)
     top1 = generate(params, CFG, [3], jax.random.PRNGKey(1), 10, temperature=1.0, top_k=1)
     assert same(greedy, top1)
 
@@ -153,6 +251,8 @@ def test_filters_keep_only_allowed_tokens():
     assert {int(sample_logits(logits, k, 1.0)[0]) for k in keys} == {0, 1, 2, 3}
 
 
+# --- what is refused -------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": -1.0}, "temperature must be >= 0"),
     ({"top_k": 0}, r"top_k must be in \[1, 11\]"),
@@ -161,13 +261,50 @@ def test_filters_keep_only_allowed_tokens():
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"window_keep": 9}, r"window_keep must be in \[1, block_size=8\]"),
     ({"num_samples": 0}, "num_samples must be >= 1"),
+    ({"max_new_tokens": 2**31}, "max_new_tokens must be at most 1,073,741,824"),
     ({"stops": [[]]}, "a stop sequence is empty"),
 ])
 def test_invalid_settings(params, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        generate(params, CFG, [1], jax.random.PRNGKey(0), 5, **kwargs)
+        generate(params, CFG, [1], KEY, **{"max_new_tokens": 5, **kwargs})
 
 
-def test_empty_prompt(params):
-    with pytest.raises(ConfigError, match="prompt is empty"):
-        generate(params, CFG, [], jax.random.PRNGKey(0), 5)
+@pytest.mark.parametrize("prompt, message", [
+    ([], "the prompt is empty"),
+    ([[1, 2], []], r"prompt 1 \(of 2\) is empty"),
+    (np.ones((2, 2, 2), np.int32), r"one prompt \[P\], a batch of prompts \[B, P\] or a list of prompts.*"
+                                   "got an array of 3 dimensions"),
+    ([[1], [[2]]], r"one prompt \[P\], a batch of prompts \[B, P\] or a list of prompts"),
+    ([1, 11], r"prompt token ids must be in \[0, 11\), got 1..11 in the prompt"),
+    ([[1, 2], [3, -1]], r"prompt token ids must be in \[0, 11\), got -1..3 in prompt 1 \(of 2\)"),
+    ([1.0, 2.0], "the prompt must hold integer token ids"),
+])
+def test_bad_prompts_are_refused_in_one_line(params, prompt, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        generate(params, CFG, prompt, KEY, 5)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nonfinite_parameters_raise_instead_of_sampling(params, value):
+    """One damaged weight makes logits NaN: the loop stops and says so (it used to return token 0 for
+    ever)."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(value)
+    damaged = jax.tree_util.tree_unflatten(tree, leaves)
+    for sampler in (generate, generate_reference):
+        with pytest.raises(NonFiniteModelError, match="logits are NaN or infinite.*may be damaged"):
+            sampler(damaged, CFG, [1, 2], KEY, 20)
+
+
+def test_a_request_too_large_for_memory_is_refused_up_front(params, monkeypatch):
+    with pytest.raises(GenerationTooLargeError, match="lower max_new_tokens or num_samples"):
+        generate(params, CFG, [1], KEY, 10**9, num_samples=10_000)  # 80 TB of output on any machine
+    monkeypatch.setattr(sharding, "available_memory", lambda device=None: 2**20)  # 1 MiB free
+    with pytest.raises(GenerationTooLargeError, match=r"^10,000,000 new tokens for 1 sample need about "
+                       r"76.\d MiB of memory \(76.3 MiB for the output, .* for the loop\) "
+                       "but 1.0 MiB is free"):
+        generate(params, CFG, [1], KEY, 10**7)
+    with pytest.raises(GenerationTooLargeError, match="for 2 prompts x 1,000 samples"):
+        generate(params, CFG, [[1], [2]], KEY, 5, num_samples=1000)  # the loop state of 2,000 rows
+    assert len(generate(params, CFG, [1], KEY, 1000, temperature=0.0).tokens[0]) == 1000
