@@ -1,12 +1,14 @@
 """Sample from a trained model: ``python sample.py --out_dir=DIR [--start=TEXT|FILE:path] ...``.
 
-``--interactive`` is the course's chat loop: type a prompt, get its completion, until ``/quit`` or the
-end of input. Generation runs with a KV cache as one compiled call, compiled once for every prompt.
+``--interactive`` is the course's chat loop: type a prompt, get its completion; ``/help`` lists the
+commands, ``/quit`` or the end of input (Ctrl-D) ends it. Generation runs with a KV cache in compiled
+chunks of steps, compiled once before the first prompt and never again.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,18 +17,28 @@ import jax
 
 from gpt_jax import cli
 from gpt_jax.checkpoint import load_checkpoint
-from gpt_jax.errors import ConfigError, GptJaxError
-from gpt_jax.sampling import Generator, make_settings
+from gpt_jax.errors import ConfigError, GptJaxError, TokenizerError
+from gpt_jax.sampling import OUTPUT_BYTES_PER_TOKEN, Generator, check_fits, make_settings
 
 SEPARATOR = "---------------"
+DEFAULT_START = "\n"
+# Host memory a printed token takes on top of the generated output: decoding builds a list of the ids
+# and one of the characters (a pointer each), then the text (up to 4 bytes a character) and its copy
+# behind the prompt.
+TEXT_BYTES_PER_TOKEN = 24
+BANNER = "sample.py: type a prompt and press Enter; /help lists the commands; /quit or Ctrl-D ends"
+HELP = """commands:
+  /help   this list
+  /quit   end the session (so does Ctrl-D, the end of input)
+any other line is a prompt: its completion is printed; Ctrl-C stops at once"""
 
 
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="sample.py", allow_abbrev=False,
                            description="Generate text from a checkpoint directory written by train.py.")
     p.add_argument("--out_dir", required=True, help="the training run's out_dir (required)")
-    p.add_argument("--start", default="\n",
-                   help="the prompt, or FILE:path to read it from a file (default: '\\n')")
+    p.add_argument("--start", default=None,
+                   help="the prompt, or FILE:path to read it from a UTF-8 file (default: '\\n')")
     p.add_argument("--num_samples", type=int, default=1, help="samples drawn in parallel (default: 1)")
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens per sample (default: 500)")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -50,11 +62,13 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def read_prompt(start: str) -> str:
+    """The prompt text of ``--start``: the text itself, or the UTF-8 file of ``FILE:path`` as it is (line
+    endings included: the tokenizer normalises text as it did the training text)."""
     if not start.startswith("FILE:"):
         return start
     path = Path(start[len("FILE:"):]).expanduser()
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"prompt file {path} does not exist") from None
     except UnicodeDecodeError:
@@ -63,13 +77,26 @@ def read_prompt(start: str) -> str:
         raise ConfigError(f"cannot read prompt file {path}: {e.strerror}") from None
 
 
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{1,3}|[xuU]|.?)", re.DOTALL)
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b",
+            "f": "\f", "v": "\v"}
+
+
 def parse_stop(text: str) -> str:
-    try:
-        # Backslash escapes (\n, \t, \u00e9) are decoded; every other character stays as it is
-        # (non-Latin-1 characters ride through the decoder as escapes of their own).
-        stop = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError:
-        raise ConfigError(f"--stop={text!r} has a broken backslash escape") from None
+    """``--stop``'s text with Python's backslash escapes decoded (``\\n``, ``\\t``, ``\\x41``, ``\\u00e9``,
+    octal); an unknown escape such as ``\\d`` stays as typed. Every other character stays as it is."""
+    def unescape(match: re.Match) -> str:
+        code = match.group(1)
+        if code in ("", "x", "u", "U"):
+            raise ConfigError(f"--stop={text!r} has a broken backslash escape (write \\\\ for a backslash)")
+        if code[0] in "xuU01234567":
+            value = int(code[1:], 16) if code[0] in "xuU" else int(code, 8)
+            if value > sys.maxunicode:
+                raise ConfigError(f"--stop={text!r} has an escape beyond Unicode: \\{code}")
+            return chr(value)
+        return _ESCAPED.get(code, "\\" + code)
+
+    stop = _ESCAPE.sub(unescape, text)
     if not stop:
         raise ConfigError("--stop is empty; give the text that ends a sample, e.g. --stop='\\n\\n'")
     return stop
@@ -111,20 +138,24 @@ class StreamPrinter:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     stops = [parse_stop(s) for s in args.stop]
-    prompt = None if args.interactive else read_prompt(args.start)
+    prompt = None if args.interactive else read_prompt(DEFAULT_START if args.start is None else args.start)
     stream = args.stream if args.stream is not None else args.num_samples == 1 and sys.stdout.isatty()
     if stream and args.num_samples != 1:
         raise ConfigError("--stream prints one sample; use --num_samples=1")
 
     params, cfg, tokenizer, _ = load_checkpoint(args.out_dir, args.step)
+    if args.start is None and not args.interactive and tokenizer.unknown(DEFAULT_START):
+        raise TokenizerError("the default prompt, a newline, is not in this model's vocabulary (its "
+                             "training text has no line breaks); give a prompt with --start=TEXT")
     settings = make_settings(
         cfg, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         stops=[tokenizer.encode(s) for s in stops], window_keep=args.window_keep, stream=stream)
+    check_fits(cfg, settings, host_bytes_per_token=OUTPUT_BYTES_PER_TOKEN + TEXT_BYTES_PER_TOKEN)
     printer = StreamPrinter(tokenizer, stops) if stream else None
     generator = Generator(cfg, settings, on_token=printer.on_token if printer else None)
     t0 = time.perf_counter()
-    generator.prepare(params, warm_up=True)
+    generator.compile(params)
     compile_s = time.perf_counter() - t0
 
     session = Session(generator, params, tokenizer, jax.random.PRNGKey(args.seed), printer)
@@ -134,12 +165,12 @@ def main(argv: list[str]) -> int:
         session.answer(prompt, fail=True)
     tokens, seconds = session.tokens, session.seconds
     print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s; "
-          f"compile and warm-up {compile_s:.1f} s excluded)", file=sys.stderr)
+          f"compile {compile_s:.1f} s excluded)", file=sys.stderr)
     return 0
 
 
 class Session:
-    """Prompts in, completions out, through one compiled generator; counts tokens and time."""
+    """Prompts in, completions out, through one compiled generator; counts kept tokens and time."""
 
     def __init__(self, generator, params, tokenizer, key, printer: StreamPrinter | None):
         self.generator, self.params, self.tokenizer = generator, params, tokenizer
@@ -159,14 +190,15 @@ class Session:
         if cropped.size < tokens.size:
             print(f"note: the prompt has {tokens.size} tokens; keeping its last {cropped.size} "
                   "(block_size)", file=sys.stderr)
+        shown = self.tokenizer.normalize(prompt)  # the text the model was given
         if self.printer is not None:
-            self.printer.start(prompt)
+            self.printer.start(shown)
+        key, self.calls = jax.random.fold_in(self.key, self.calls), self.calls + 1
         t0 = time.perf_counter()
-        result = self.generator(self.params, cropped, jax.random.fold_in(self.key, self.calls))
+        result = self.generator(self.params, cropped, key)
         self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        self.tokens += result.steps * len(result.tokens)
-        texts = [prompt + self.tokenizer.decode(t) for t in result.tokens]
+        self.tokens += sum(t.size for t in result.tokens)
+        texts = [shown + self.tokenizer.decode(t) for t in result.tokens]
         if self.printer is not None:
             self.printer.finish(texts[0])
             print(f"\n{SEPARATOR}", flush=True)
@@ -176,17 +208,33 @@ class Session:
             print(SEPARATOR, flush=True)
 
     def chat(self) -> None:
-        """The course's chatbot: a prompt per line until /quit or the end of input."""
-        prompt_mark = "> " if sys.stdin.isatty() else ""
+        """The course's chatbot: a prompt per line until /quit or the end of input (Ctrl-D)."""
+        terminal = sys.stdin.isatty()
+        if terminal:
+            _line_editing()
+        print(BANNER, file=sys.stderr, flush=True)
         while True:
             try:
-                line = input(prompt_mark)
+                line = input("> " if terminal and sys.stdout.isatty() else "")
             except EOFError:
-                break
-            if line.strip() == "/quit":
-                break
-            if line:
+                if terminal:  # the cursor sits after the prompt mark
+                    print(file=sys.stderr)
+                return
+            command = line.strip()
+            if command == "/quit":
+                return
+            if command == "/help":
+                print(HELP, file=sys.stderr, flush=True)
+            elif line:
                 self.answer(line, fail=False)
+
+
+def _line_editing() -> None:
+    """Arrow keys and a history for ``input``, where Python has its readline module (not on Windows)."""
+    try:
+        import readline  # noqa: F401  (importing it is what turns it on)
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":
