@@ -2,6 +2,7 @@
 text hygiene, what is counted, what is refused, the interactive loop."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 import warnings
@@ -138,3 +139,22 @@ def test_sources_compile_without_warnings(path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compile(source, path, "exec")
+
+
+def test_interactive_on_a_terminal_ends_quietly_at_ctrl_d(one_line_run):
+    """Input from a terminal (line editing on): Ctrl-D ends with exit 0, a newline on stderr for the
+    cursor, and stdout holding the answer alone."""
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={one_line_run}",
+                                    "--interactive", "--max_new_tokens=8", "--temperature=0"],
+                                   stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.write(controller, b"ROMEO\n\x04")  # a line, then Ctrl-D
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert process.returncode == 0, stderr
+    assert stdout.split(SEPARATOR) == [stdout.split(SEPARATOR)[0], ""] and stdout.startswith("ROMEO")
+    assert len(stdout) == len("ROMEO") + 8 + 1 + len(SEPARATOR)
+    assert stderr.splitlines()[0].startswith("sample.py: type a prompt") and stderr.splitlines()[1] == ""
