@@ -427,9 +427,11 @@ def _groups_by_length(prompts: list[np.ndarray]) -> list[list[int]]:
 class Generator:
     """Generation with fixed settings for one model: compiles once, then serves any prompt.
 
-    ``compile(params)`` compiles ahead of time (so a caller can time compile and generation apart);
-    calls after that never recompile, whatever the prompts' lengths. Generators of the same model and
-    sampling settings share their compiled loops, whatever their ``max_new_tokens`` (unless they stream).
+    ``compile(params, num_prompts)`` compiles ahead of time (so a caller can time compile and generation
+    apart). A compiled loop runs a fixed number of rows at once, the samples of the largest group of
+    prompts of one length: later calls whose largest group has ``num_prompts`` prompts (one, by default)
+    never recompile, whatever the prompts' lengths. Generators of the same model and sampling settings
+    share their compiled loops, whatever their ``max_new_tokens`` (unless they stream).
     """
 
     def __init__(self, cfg: Config, settings: Settings, cached: bool = True,
