@@ -17,7 +17,11 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import os
+import re
 import shutil
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -229,6 +233,7 @@ class Checkpointer:
 
     def _restore_step(self, step: int, target_for: Callable[[dict[str, Any]], Any]) -> Restored:
         path = self.directory / str(step)
+        _silence_abandoned_reads()
         try:
             with _quiet_storage_logs():
                 meta = self._manager.restore(
@@ -298,6 +303,60 @@ def _retry_listing(list_steps: Callable[[], Any]) -> Any:
 
 def _complete_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _silence_abandoned_reads() -> None:
+    """After a failed read, orbax's other reads of that step fail too, in tasks, coroutines, threads
+    and storage callbacks nobody waits for any more; Python and asyncio would print each of their
+    tracebacks (hundreds of lines) as they are collected or reach a closed event loop. Those are
+    dropped; every other report is untouched. Installed once per process, before the first restore
+    (the reports can come before the failed read itself is raised)."""
+    global _SILENCED
+    if _SILENCED:
+        return
+    _SILENCED = True
+    unraisable, thread_hook, main_hook = sys.unraisablehook, threading.excepthook, sys.excepthook
+
+    def drop_unraisable(report: Any) -> None:
+        if not _abandoned_read(report.exc_value, report.exc_traceback):
+            unraisable(report)
+
+    def drop_thread_error(report: Any) -> None:
+        if not _abandoned_read(report.exc_value, report.exc_traceback):
+            thread_hook(report)
+
+    def drop_callback_error(kind: type, value: BaseException, tb: Any) -> None:
+        if not _abandoned_read(value, tb):
+            main_hook(kind, value, tb)
+
+    sys.unraisablehook, threading.excepthook, sys.excepthook = (drop_unraisable, drop_thread_error,
+                                                                drop_callback_error)
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.exc_info and _abandoned_read(record.exc_info[1], record.exc_info[2])))
+
+
+_SILENCED = False
+
+
+# tensorstore reports failed reads as ValueErrors that start with a status code, and orbax leaves the
+# futures holding them unawaited when one read of a step fails.
+_STORAGE_STATUS = re.compile(r"^(FAILED_PRECONDITION|NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|INVALID_ARGUMENT|"
+                             r"UNKNOWN|INTERNAL|UNAVAILABLE|PERMISSION_DENIED|RESOURCE_EXHAUSTED): ")
+
+
+def _abandoned_read(error: BaseException | None, tb: Any) -> bool:
+    """Whether an error comes from orbax's code, is a storage status error, or is a storage callback
+    that found its event loop already closed."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    if isinstance(error, ValueError) and _STORAGE_STATUS.match(str(error)):
+        return True
+    marker = f"{os.sep}orbax{os.sep}"
+    while tb is not None:
+        if marker in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 @contextlib.contextmanager
