@@ -34,8 +34,9 @@ def keep_freed_host_memory() -> bool:
     of the ``shakespeare_char_cpu`` preset (``compiled.memory_analysis()``). glibc serves blocks that
     large with ``mmap`` and unmaps them on free, so every step page-faults and zeroes thousands of new
     pages, a large share of a small model's step (``benchmarks/cpu_speed.py`` measures it). Taking
-    large blocks from the heap and never trimming it lets each step reuse the pages of the last. Process-wide: a process keeps the
-    memory it has peaked at. Returns whether the setting took (False without glibc, e.g. on macOS).
+    large blocks from the heap and never trimming it lets each step reuse the pages of the last.
+    Process-wide: a process keeps the memory it has peaked at. Returns whether the setting took
+    (False without glibc, e.g. on macOS).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -80,3 +80,13 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
 
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout)
+
+
+def load_script(script: str):
+    """A command-line script (``sample.py``) imported as a module, to test its functions directly."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py") + "_under_test", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -66,7 +66,7 @@ def test_no_good_step_is_a_clear_error(trained):
     directory = Checkpointer(trained.config.out_dir).directory
     for step in directory.iterdir():
         shutil.rmtree(step / "state")
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint in .*step 20: "):
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint in .*step 20"):
         load_checkpoint(trained.config.out_dir)
 
 

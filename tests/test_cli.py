@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TINY, cli_args, run_script
+from conftest import ROOT, TINY, cli_args, load_script, run_script
 from gpt_jax.config import FIELDS
 from gpt_jax.errors import ConfigError, GptJaxError
 from gpt_jax.tokenizer import CharTokenizer, describe_characters
@@ -77,8 +77,6 @@ def test_stop_string_ends_the_sample(trained_dir):
 def test_interactive_chat_loop(trained_dir):
     import subprocess
     import sys
-
-    from conftest import ROOT
 
     out, _ = trained_dir
     lines = "First\nBad€\n" + "x" * 40 + "\nSecond\n/quit\nNever\n"
@@ -266,16 +264,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, trained_dir, shakespear
 
 # --- the prompt path, over arbitrary input -------------------------------------------------------------
 
-def _sample_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SAMPLE = _sample_module()
+SAMPLE = load_script("sample.py")
 PROMPT_VOCAB = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 

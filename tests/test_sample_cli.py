@@ -1,7 +1,6 @@
 """sample.py as a person runs it, on a model trained on a corpus without line breaks: prompts and their
 text hygiene, what is counted, what is refused, the interactive loop."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,20 +8,13 @@ import warnings
 
 import pytest
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, load_script, run_script
 from gpt_jax import sampling
 
 SEPARATOR = "---------------\n"
 
 
-def _sample_module():
-    spec = importlib.util.spec_from_file_location("sample_cli_under_test", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SAMPLE = _sample_module()
+SAMPLE = load_script("sample.py")
 
 
 @pytest.fixture(scope="module")
