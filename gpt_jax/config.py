@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import importlib.resources
 import math
 import os
 import typing
@@ -19,8 +18,17 @@ from typing import Any
 
 from gpt_jax.errors import ConfigError
 
-# The presets: the repository's configs/, installed as the package gpt_jax.configs.
-CONFIGS_DIR = Path(str(importlib.resources.files("gpt_jax.configs")))
+
+def _configs_dir() -> Path:
+    """The presets: the repository's configs/, installed as gpt_jax/configs/. Found by path rather
+    than by importing ``gpt_jax.configs``: an editable install maps that name with an import hook that
+    a Python process started before the install (a notebook kernel) does not have."""
+    package = Path(__file__).resolve().parent
+    installed, checkout = package / "configs", package.parent / "configs"
+    return installed if installed.is_dir() else checkout
+
+
+CONFIGS_DIR = _configs_dir()
 PRESETS_FOLDER = "configs"  # `configs/NAME.py` names a bundled preset from any working directory
 
 

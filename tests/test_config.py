@@ -108,3 +108,26 @@ def test_course_gpt_starts_at_chance():
     tokens = np.random.default_rng(0).integers(0, 63, (4, cfg.block_size + 1), dtype=np.int32)
     loss = float(loss_fn(params, cfg, tokens[:, :-1], tokens[:, 1:]))
     assert abs(loss - math.log(63)) < 0.15, loss
+
+
+def test_presets_are_found_without_importing_gpt_jax_configs():
+    """A notebook kernel started before ``pip install -e .`` lacks the editable install's import hook
+    that maps gpt_jax.configs onto configs/: the presets must still be found."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = """
+import importlib.abc, sys
+class NoConfigsPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "gpt_jax.configs":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoConfigsPackage())
+from gpt_jax.config import make_config
+print(make_config("bigram").block_size)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "8", result.stderr[-2000:]
