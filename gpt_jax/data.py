@@ -114,6 +114,8 @@ def load_data(cfg: Config) -> TokenData:
 def _describe_source(cfg: Config) -> tuple[str, dict]:
     """A readable name of the source and a JSON description that changes when its content does."""
     if cfg.dataset in TFDS_DATASETS:
+        if cfg.source_file:  # checked at every run, not only when the cache is first built
+            _check_source_file(cfg.source_file)
         return cfg.dataset, {"tfds": cfg.dataset, "version": TINY_SHAKESPEARE_VERSION}
     if cfg.source_file:
         raise DataError(
@@ -207,8 +209,8 @@ def read_tiny_shakespeare(tfds_dir: Path, source_file: str | None = None) -> tup
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    if source_file is not None and not Path(source_file).is_file():
-        raise DataError(f"source_file {source_file} does not exist; give the path of input.txt")
+    if source_file is not None:
+        _check_source_file(source_file)
     builder = _tiny_shakespeare_builder()(
         data_dir=str(tfds_dir), file_format="array_record", source_file=source_file
     )
@@ -283,6 +285,14 @@ def _tiny_shakespeare_builder() -> type:
 
 
 _BUILDER: type | None = None
+
+
+def _check_source_file(source_file: str) -> None:
+    """DataError unless ``source_file`` is a copy of the Tiny Shakespeare input.txt."""
+    path = expand(source_file)
+    if not path.is_file():
+        raise DataError(f"source_file {source_file} does not exist; give the path of input.txt")
+    _verified_text(path, "leave out --source_file to use the copy shipped with gpt_jax")
 
 
 def _verified_text(path: Path, remedy: str) -> str:

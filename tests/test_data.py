@@ -187,3 +187,14 @@ def test_text_files_are_normalised_before_the_vocabulary_is_built(tmp_path):
     assert text == "Bir öğretmen\nÖğretmen\nAyşe\n"
     assert not set("\r\ufeff\u0308\u0306") & set(data.tokenizer.chars)
     assert data.tokenizer.normalization == "nfc"
+
+
+def test_source_file_is_checked_even_when_the_cache_is_ready(shakespeare, data_dir, tmp_path):
+    """The prepared dataset is there (the session's data_dir), yet a missing or wrong --source_file is
+    still named: the option is never silently ignored."""
+    wrong = tmp_path / "short.txt"
+    wrong.write_text("To be, or not to be\n" * 100)
+    for source, message in [(tmp_path / "nope.txt", "does not exist"),
+                            (wrong, "is not the Tiny Shakespeare")]:
+        with pytest.raises(DataError, match=message):
+            load_data(make_config(source_file=str(source), data_dir=str(data_dir)))
