@@ -30,7 +30,8 @@ BANNER = "sample.py: type a prompt and press Enter; /help lists the commands; /q
 HELP = """commands:
   /help   this list
   /quit   end the session (so does Ctrl-D, the end of input)
-any other line is a prompt: its completion is printed; Ctrl-C stops at once"""
+any other line is a prompt (a single word after / is taken for a command): its completion is
+printed; Ctrl-C stops at once"""
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -225,6 +226,8 @@ class Session:
                 return
             if command == "/help":
                 print(HELP, file=sys.stderr, flush=True)
+            elif re.fullmatch(r"/\w+", command):
+                print(f"unknown command {command}; /help lists the commands", file=sys.stderr, flush=True)
             elif line:
                 self.answer(line, fail=False)
 

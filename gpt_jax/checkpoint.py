@@ -189,7 +189,7 @@ class Checkpointer:
             if step is None:
                 raise
             self._failed = True
-            good = [s for s in _complete_steps(self.directory) if s != step]
+            good = [s for s in complete_steps(self.directory) if s != step]
             kept = f"the newest complete checkpoint is step {good[-1]}" if good else "no complete checkpoint"
             raise CheckpointError(f"cannot write checkpoint step {step} in {self.directory} "
                                   f"({_short_reason(e)}); {kept}; {_advice(e)}, then resume") from e
@@ -301,7 +301,8 @@ def _retry_listing(list_steps: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")
 
 
-def _complete_steps(directory: Path) -> list[int]:
+def complete_steps(directory: Path) -> list[int]:
+    """The step directories under ``directory`` (a checkpoint_dir), read from the file system alone."""
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from gpt_jax import sharding
-from gpt_jax.checkpoint import Checkpointer, make_metadata, resume_changes
+from gpt_jax.checkpoint import Checkpointer, checkpoint_dir, complete_steps, make_metadata, resume_changes
 from gpt_jax.config import Config, validate
 from gpt_jax.data import TokenData, load_data
 from gpt_jax.errors import CheckpointError, ConfigError, NoCheckpointError, NonFiniteLossError
@@ -199,6 +199,8 @@ def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None]
         check_memory(cfg, mesh)
         primary = sharding.is_primary()
         log = (log or (lambda msg: tqdm.write(msg))) if primary else (lambda msg: None)
+        if cfg.init_from == "resume" and not complete_steps(checkpoint_dir(cfg.out_dir)):
+            raise _nothing_to_resume(cfg.out_dir)
         out_dir = prepare_out_dir(cfg.out_dir)
     with contextlib.ExitStack() as stack:
         if primary:
@@ -301,15 +303,18 @@ def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log, mesh: 
         step, state, meta = ckpt.restore(target_for)
     except NoCheckpointError:
         if cfg.init_from == "resume":
-            raise NoCheckpointError(
-                f"--init_from=resume, but {ckpt.directory.parent} holds no checkpoint; train first, or pass "
-                "--init_from=auto to start fresh when there is none") from None
+            raise _nothing_to_resume(ckpt.directory.parent) from None
         log(f"no checkpoint in {ckpt.directory.parent}: starting from scratch")
         return init_state(cfg, mesh), math.inf, False
     if changes:
         log(f"resuming with changed settings: {'; '.join(changes)}")
     log(f"resuming from step {step} in {ckpt.directory}")
     return state, meta["metrics"].get("best_val_loss", math.inf), True
+
+
+def _nothing_to_resume(out_dir: str | Path) -> NoCheckpointError:
+    return NoCheckpointError(f"--init_from=resume, but {out_dir} holds no checkpoint; train first, or pass "
+                             "--init_from=auto to start fresh when there is none")
 
 
 class _Metrics:

@@ -105,11 +105,12 @@ def test_interactive_banner_help_and_end_of_input(one_line_run):
     stdout holds the answers alone."""
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={one_line_run}",
                              "--interactive", "--max_new_tokens=8", "--temperature=0"],
-                            input="ROMEO\n/help\nAyşe", text=True, capture_output=True, timeout=300)
+                            input="ROMEO\n/help\n/bogus\nAyşe", text=True, capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr
     banner = result.stderr.splitlines()[0]
     assert "/help" in banner and "/quit or Ctrl-D" in banner
     assert "/quit   end the session" in result.stderr
+    assert "unknown command /bogus; /help lists the commands" in result.stderr
     answers = result.stdout.split(SEPARATOR)
     assert len(answers) == 3 and answers[2] == ""
     assert answers[0].startswith("ROMEO") and answers[1].startswith("Ayşe")

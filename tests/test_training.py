@@ -96,6 +96,7 @@ def test_scratch_run_refuses_a_directory_with_checkpoints(tiny_cfg):
 def test_resume_without_checkpoints_is_a_clear_error(tiny_cfg):
     with pytest.raises(CheckpointError, match="init_from=resume, but .* holds no checkpoint; .*=auto"):
         train(dataclasses.replace(tiny_cfg, init_from="resume"))
+    assert not tiny_cfg_out(tiny_cfg).exists()  # nothing was created
 
 
 @pytest.mark.parametrize("change", [
