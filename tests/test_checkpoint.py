@@ -168,7 +168,7 @@ def test_readers_while_a_training_saves_and_prunes(tmp_path, shakespeare_file, d
     from conftest import ROOT, TINY, cli_args
 
     out = tmp_path / "copy"
-    run = {**TINY, "max_iters": 90, "lr_decay_iters": 90, "eval_interval": 3, "eval_iters": 1,
+    run = {**TINY, "max_iters": 60, "lr_decay_iters": 60, "eval_interval": 3, "eval_iters": 1,
            "always_save_checkpoint": True, "keep_checkpoints": 2}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                              *cli_args(shakespeare_file, data_dir, out, run)],

@@ -103,7 +103,7 @@ def test_course_gpt_starts_at_chance():
 
     from gpt_jax.model import init_params, loss_fn
 
-    cfg = make_config("course_gpt", vocab_size=63, dropout=0.0)
+    cfg = make_config("course_gpt", vocab_size=63, dropout=0.0, block_size=32)  # its width and depth
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = np.random.default_rng(0).integers(0, 63, (4, cfg.block_size + 1), dtype=np.int32)
     loss = float(loss_fn(params, cfg, tokens[:, :-1], tokens[:, 1:]))
