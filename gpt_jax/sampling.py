@@ -386,6 +386,9 @@ def _size(n: int) -> str:
 
 def _split_prompts(prompt_tokens: Any) -> list[np.ndarray]:
     """One prompt [P], a batch [B, P] or a list of prompts of any lengths -> a list of 1-D arrays."""
+    if isinstance(prompt_tokens, str) or (isinstance(prompt_tokens, (list, tuple))
+                                          and any(isinstance(p, str) for p in prompt_tokens)):
+        raise ConfigError("prompts are token ids, not text: encode them first, e.g. tok.encode('ROMEO:')")
     if isinstance(prompt_tokens, (list, tuple)) and prompt_tokens and all(
             np.ndim(p) == 1 for p in prompt_tokens):
         return [np.asarray(p) for p in prompt_tokens]
@@ -403,7 +406,8 @@ def _split_prompts(prompt_tokens: Any) -> list[np.ndarray]:
 def _check_prompt(prompt: np.ndarray, cfg: Config, name: str) -> np.ndarray:
     """``prompt`` as int32 [P], 1 <= P <= block_size: its last block_size tokens."""
     if prompt.size == 0:
-        raise ConfigError(f"{name} is empty; give at least one character (e.g. --start='\\n')")
+        raise ConfigError(f"{name} is empty; give at least one token (tok.encode of some text; on the "
+                          "command line --start=TEXT)")
     if prompt.dtype.kind not in "iu":
         raise ConfigError(f"{name} must hold integer token ids (encode text with the tokenizer), got "
                           f"{prompt.dtype}")

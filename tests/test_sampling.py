@@ -278,6 +278,8 @@ def test_invalid_settings(params, kwargs, message):
     ([1, 11], r"prompt token ids must be in \[0, 11\), got 1..11 in the prompt"),
     ([[1, 2], [3, -1]], r"prompt token ids must be in \[0, 11\), got -1..3 in prompt 1 \(of 2\)"),
     ([1.0, 2.0], "the prompt must hold integer token ids"),
+    ("ROMEO:", r"prompts are token ids, not text: encode them first, e.g. tok.encode\('ROMEO:'\)"),
+    (["ROMEO:", "JULIET:"], "prompts are token ids, not text"),
 ])
 def test_bad_prompts_are_refused_in_one_line(params, prompt, message):
     with pytest.raises(ConfigError, match=message) as error:
