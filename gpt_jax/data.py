@@ -21,9 +21,11 @@ Random streams: every random draw of data is numpy's default generator seeded wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.resources
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,9 +216,12 @@ def read_tiny_shakespeare(tfds_dir: Path, source_file: str | None = None) -> tup
     builder = _tiny_shakespeare_builder()(
         data_dir=str(tfds_dir), file_format="array_record", source_file=source_file
     )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+    # tfds prints "Downloading and preparing dataset ..." even when nothing is downloaded (the text
+    # comes from the copy shipped with gpt_jax): a misleading line for an offline user.
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
     splits = builder.as_data_source()
 
     def text(split: str) -> str:

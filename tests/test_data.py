@@ -149,9 +149,11 @@ def no_network(monkeypatch):
     monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
 
 
-def test_a_first_run_offline_takes_the_copy_shipped_in_the_package(shakespeare, tmp_path, no_network):
+def test_a_first_run_offline_takes_the_copy_shipped_in_the_package(shakespeare, tmp_path, no_network,
+                                                                   capfd):
     data = load_data(make_config(data_dir=str(tmp_path)))
     assert np.array_equal(data.train, shakespeare.train) and np.array_equal(data.val, shakespeare.val)
+    assert "Download" not in capfd.readouterr().out  # nothing was downloaded, and nothing says so
 
 
 def test_tfds_manual_directory_is_used_offline(shakespeare_file, tmp_path, no_network):
