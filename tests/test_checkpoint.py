@@ -158,6 +158,7 @@ def test_a_failed_write_names_its_cause(tmp_path):
             assert ("free disk" in str(caught.value)) == ("No space" in str(error))
 
 
+@pytest.mark.slow
 def test_readers_while_a_training_saves_and_prunes(tmp_path, shakespeare_file, data_dir):
     """load_checkpoint in a loop while train.py saves at every third step and keeps two: every read
     returns a complete step, with no warning and no error."""

@@ -87,6 +87,7 @@ def reference(tmp_path_factory, shakespeare_file, data_dir, shakespeare):
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("reference")
 def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, shakespeare_file, data_dir, reference):
     """SIGKILL at random steps and right after a checkpoint save starts (its files half written),
@@ -113,6 +114,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, shakespeare_fil
     assert partial_saves >= 1  # at least one kill landed inside a save
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("reference")
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, shakespeare_file, data_dir, reference):
     out = tmp_path / "out"
@@ -278,6 +280,7 @@ def test_resume_refuses_a_different_model_and_says_other_changes(damaged_source,
     assert logged[0] == "resuming with changed settings: dropout 0.0 -> 0.1; max_iters 20 -> 25"
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoint(
         damaged_source, tmp_path, shakespeare_file, data_dir):
     """The resumed run cannot write files past 16 KiB (the operating system's file-size limit stands

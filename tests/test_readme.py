@@ -4,6 +4,8 @@ import dataclasses
 import json
 import re
 
+import pytest
+
 from conftest import ROOT, TINY
 from gpt_jax.training import train
 
@@ -53,6 +55,7 @@ def run_cells(cells: list[str], stop_after: int | None = None) -> dict:
     return namespace
 
 
+@pytest.mark.slow
 def test_colab_notebook_trains_chats_and_learns_your_text(tmp_path, monkeypatch, capsys):
     """Run all, on this CPU with RUN_WITHOUT_TPU and a tiny model: trains (from the packaged corpus,
     init_from=auto), samples, chats, trains on an uploaded text, and never imports TensorFlow."""
@@ -82,8 +85,6 @@ def test_colab_notebook_trains_chats_and_learns_your_text(tmp_path, monkeypatch,
 
 
 def test_colab_notebook_stops_with_instructions(tmp_path, monkeypatch):
-    import pytest
-
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="Set REPO in this cell"):
         run_cells(colab_cells(), stop_after=1)

@@ -174,6 +174,7 @@ def cut_at_first_stop(tokens, stops):
     return tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 3, 7])
 def test_chunking_changes_nothing(params, chunk):
     """In chunks of a few steps, past the window (2 + 30 > 8) and with stops that span chunk boundaries,

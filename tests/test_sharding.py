@@ -56,6 +56,7 @@ def test_batch_must_divide_over_devices():
 
 
 # The two users of the 8-device fixture share one worker, so its subprocess runs once.
+@pytest.mark.slow
 @pytest.mark.xdist_group("eight_devices")
 def test_sharded_steps_equal_the_single_device_step(eight_devices):
     results = eight_devices[0]["steps"]
@@ -90,6 +91,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_one_resumes(tmp_path, shakespeare_file, data_dir, shakespeare):
     """Two processes on localhost (one CPU device each) train and checkpoint; one process resumes,
     and ends where a single process that never stopped does."""
