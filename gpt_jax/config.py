@@ -297,21 +297,3 @@ def default_preset() -> str:
 
 def expand(path: str) -> Path:
     return Path(os.path.expandvars(path)).expanduser()
-
-
-# Fields that fix the parameters' shapes or layout: a checkpoint resumes only with the same values.
-MODEL_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pos_encoding",
-                "norm_position", "tie_embeddings", "scan_layers")
-# Fields that never matter to a resume (how it was started, where it was written).
-_RUN_FIELDS = ("init_from", "out_dir", "progress")
-
-
-def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(model changes, other changes) from ``saved`` to ``new``, each as "name old -> new"."""
-    model, other = [], []
-    for name in FIELDS:
-        old, value = getattr(saved, name), getattr(new, name)
-        if old == value or name in _RUN_FIELDS:
-            continue
-        (model if name in MODEL_FIELDS else other).append(f"{name} {old!r} -> {value!r}")
-    return model, other

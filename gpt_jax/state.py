@@ -89,9 +89,3 @@ def abstract_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
     if mesh is None:
         return abstract
     return sharding.with_shardings(abstract, sharding.tree_shardings(abstract, mesh, cfg.fsdp))
-
-
-def state_bytes(cfg: Config) -> int:
-    """Bytes of one copy of the train state (params and optimizer state), from shapes alone."""
-    leaves = jax.tree_util.tree_leaves(jax.eval_shape(lambda: _fresh_state(cfg)))
-    return sum(x.size * x.dtype.itemsize for x in leaves)
