@@ -138,6 +138,8 @@ class StreamPrinter:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {args.seed}")
     stops = [parse_stop(s) for s in args.stop]
     prompt = None if args.interactive else read_prompt(DEFAULT_START if args.start is None else args.start)
     stream = args.stream if args.stream is not None else args.num_samples == 1 and sys.stdout.isatty()

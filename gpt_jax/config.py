@@ -196,6 +196,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}")
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    for name, kind in _TYPES.items():  # steps and sizes are int32 on the device
+        if kind is int and name != "seed" and getattr(cfg, name) >= 2**31:
+            raise ConfigError(f"{name} must be below 2**31, got {getattr(cfg, name)}")
     for name in _POSITIVE:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")

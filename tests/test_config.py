@@ -131,3 +131,10 @@ print(make_config("bigram").block_size)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "8", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["warmup_iters", "lr_decay_iters", "eval_iters", "batch_size",
+                                  "gradient_accumulation_steps"])
+def test_sizes_and_steps_beyond_int32_are_refused(name):
+    with pytest.raises(ConfigError, match=f"{name} must be below 2\\*\\*31, got 3000000000"):
+        make_config(**{name: 3_000_000_000})
