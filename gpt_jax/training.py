@@ -163,9 +163,8 @@ def check_memory(cfg: Config, mesh: Mesh) -> None:
     impossible model fails at once with a ConfigError instead of stalling in the allocator.
     """
     abstract = abstract_state(cfg)
-    state_b = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
-    params_b = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract.params))
-    need = (state_b + params_b) / (mesh.size if cfg.fsdp else 1)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    need = (nbytes(abstract) + nbytes(abstract.params)) / (mesh.size if cfg.fsdp else 1)
     device = mesh.devices.flat[0]
     free = sharding.available_memory(device)
     if need > free:
@@ -358,8 +357,7 @@ class _Metrics:
         try:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         except OSError as e:
-            raise CheckpointError(f"cannot write {self.path} ({e.strerror}); make it writable or choose "
-                                  "another --out_dir") from None
+            raise self._unwritable(e) from None
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -369,8 +367,11 @@ class _Metrics:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise CheckpointError(f"cannot write {self.path} ({e.strerror}); make it writable or choose "
-                                  "another --out_dir, then resume") from None
+            raise self._unwritable(e) from None
+
+    def _unwritable(self, error: OSError) -> CheckpointError:
+        return CheckpointError(f"cannot write {self.path} ({error.strerror}); make it writable or choose "
+                               "another --out_dir, then resume")
 
 
 class _Loop:
