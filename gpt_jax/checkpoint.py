@@ -290,11 +290,13 @@ def _vanished(path: Path, out_dir: Path) -> bool:
 
 
 def _retry_listing(list_steps: Callable[[], Any]) -> Any:
-    """``list_steps()``, again when a step disappears between orbax's listing and its reading of it."""
+    """``list_steps()``, again when a step disappears between orbax's listing and its reading of it
+    (orbax then raises FileNotFoundError, or NotADirectoryError when the step goes between its
+    ``exists()`` and ``is_dir()``)."""
     for attempt in range(_LISTING_ATTEMPTS):
         try:
             return list_steps()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if attempt == _LISTING_ATTEMPTS - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
