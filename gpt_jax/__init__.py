@@ -7,6 +7,7 @@ The names a notebook needs::
     print(tok.decode(out.tokens[0]))
 """
 
+from gpt_jax.analysis import TextScore, attention_weights, score_text, token_logprobs
 from gpt_jax.checkpoint import Checkpointer, load_checkpoint
 from gpt_jax.config import Config, make_config
 from gpt_jax.data import TokenData, load_data
@@ -17,6 +18,7 @@ from gpt_jax.errors import (
     GenerationTooLargeError,
     GptJaxError,
     IncompatibleCheckpointError,
+    MissingDependencyError,
     NoCheckpointError,
     NonFiniteLossError,
     NonFiniteModelError,
@@ -36,12 +38,13 @@ from gpt_jax.model import (
 from gpt_jax.sampling import Generation, Generator, generate, generate_reference, sample_logits
 from gpt_jax.state import TrainState, abstract_state, init_state, lr_schedule, make_optimizer
 from gpt_jax.tokenizer import CharTokenizer, normalize_text
-from gpt_jax.training import TrainResult, evaluate, make_train_step, setup_data, train
+from gpt_jax.training import TrainResult, evaluate, make_train_step, read_metrics, setup_data, train
 
 __all__ = [
     "CharTokenizer", "CheckpointError", "Checkpointer", "Config", "ConfigError", "DataError",
-    "Generation", "GenerationTooLargeError", "Generator", "GptJaxError", "IncompatibleCheckpointError",
-    "NoCheckpointError", "NonFiniteLossError",
+    "Generation", "GenerationTooLargeError", "TextScore", "attention_weights", "read_metrics",
+    "score_text", "token_logprobs", "Generator", "GptJaxError", "IncompatibleCheckpointError",
+    "MissingDependencyError", "NoCheckpointError", "NonFiniteLossError",
     "NonFiniteModelError", "RunLockedError", "TokenData",
     "TokenizerError", "TrainResult", "TrainState", "cached_logits_fn", "compute_dtype",
     "count_params", "cross_entropy", "evaluate", "generate", "generate_reference",

@@ -39,15 +39,21 @@ def compute_dtype(cfg: Config) -> jnp.dtype:
 # --- kernels ------------------------------------------------------------------------------------------
 
 def attention_xla(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
-                  visible_TxS: jax.Array, dropout: Callable | None = None) -> jax.Array:
+                  visible_TxS: jax.Array, dropout: Callable | None = None,
+                  observe: Callable[[jax.Array], None] | None = None) -> jax.Array:
     """Softmax attention written out (the reference): [B, T, H, K] in q's dtype; softmax in float32.
 
     ``visible_TxS`` (bool) says which keys each query sees; ``dropout``, if given, is applied to the
-    attention weights (probabilities [B, H, T, S]). Source: Vaswani et al. 2017, eq. 1.
+    attention weights (probabilities [B, H, T, S]); ``observe``, if given, is called with those
+    weights in float32 before dropout (how ``analysis.attention_weights`` sees them). Source: Vaswani
+    et al. 2017, eq. 1.
     """
     scores_BxHxTxS = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxSxHxK) / math.sqrt(q_BxTxHxK.shape[-1])
     scores_BxHxTxS = jnp.where(visible_TxS, scores_BxHxTxS.astype(jnp.float32), -jnp.inf)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(q_BxTxHxK.dtype)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    if observe is not None:
+        observe(probs_BxHxTxS)
+    probs_BxHxTxS = probs_BxHxTxS.astype(q_BxTxHxK.dtype)
     if dropout is not None:
         probs_BxHxTxS = dropout(probs_BxHxTxS)
     return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxS, v_BxSxHxK)
@@ -150,21 +156,23 @@ def portable(cfg: Config) -> Config:
 # --- attention of a layer, uncached and cached ------------------------------------------------------
 
 def causal_attention(cfg: Config, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
-                     dropout: Callable | None = None) -> jax.Array:
+                     dropout: Callable | None = None,
+                     observe: Callable[[jax.Array], None] | None = None) -> jax.Array:
     """Each of T tokens attends to itself and the tokens before it: [B, T, H, K].
 
     ``dropout`` (on the attention weights) is given only while it is active (training with
-    ``cfg.dropout > 0``); the kernel is ``attention_impl``'s choice, which is XLA while it is. Raises
-    ConfigError as ``attention_impl`` does.
+    ``cfg.dropout > 0``); the kernel is ``attention_impl``'s choice, which is XLA while it is.
+    ``observe`` receives the attention weights [B, H, T, T] (float32); fused kernels never form them,
+    so with it XLA runs. Raises ConfigError as ``attention_impl`` does.
     """
     T = q_BxTxHxK.shape[1]
-    impl = attention_impl(cfg, T, with_dropout=dropout is not None)
+    impl = "xla" if observe is not None else attention_impl(cfg, T, with_dropout=dropout is not None)
     if impl == "cudnn":
         return attention_cudnn(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
     if impl == "pallas":
         return attention_pallas(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
     visible_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    return attention_xla(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, visible_TxT, dropout)
+    return attention_xla(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, visible_TxT, dropout, observe)
 
 
 def empty_layer_cache(cfg: Config, batch_size: int, dtype: jnp.dtype) -> dict:

@@ -46,3 +46,7 @@ class NonFiniteModelError(GptJaxError):
 
 class GenerationTooLargeError(ConfigError):
     """A generation request (max_new_tokens x samples) that cannot fit in memory."""
+
+
+class MissingDependencyError(GptJaxError):
+    """An optional extra (e.g. ``notebooks`` for plots) is not installed; the message names it."""

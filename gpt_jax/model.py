@@ -108,11 +108,20 @@ class CausalSelfAttention(nn.Module):
         if layer_cache is None:
             training = not deterministic and cfg.dropout > 0
             attn_dropout = nn.Dropout(cfg.dropout, deterministic=False) if training else None
-            y_BxTxHxK = causal_attention(cfg, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, attn_dropout)
+            y_BxTxHxK = causal_attention(cfg, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, attn_dropout,
+                                         observe=self._observer())
         else:
             y_BxTxHxK, layer_cache = cached_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, layer_cache, pos)
         y_NxD = _residual_proj(cfg, D, "c_proj")(y_BxTxHxK.reshape(N, D))
         return nn.Dropout(cfg.dropout)(y_NxD, deterministic=deterministic), layer_cache
+
+
+    def _observer(self):
+        """Records the attention weights in the "intermediates" collection when the caller asks for it
+        (``apply(..., mutable=["intermediates"])``, as ``analysis.attention_weights`` does)."""
+        if not self.is_mutable_collection("intermediates"):
+            return None
+        return lambda probs_BxHxTxT: self.sow("intermediates", "attention_weights", probs_BxHxTxT)
 
 
 class MLP(nn.Module):

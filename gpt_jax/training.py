@@ -316,6 +316,38 @@ def _nothing_to_resume(out_dir: str | Path) -> NoCheckpointError:
                              "--init_from=auto to start fresh when there is none")
 
 
+def read_metrics(path: str | Path, *, stacklevel: int = 2) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (``path``, or an out_dir holding one), in order.
+
+    Each record is one JSON object: log lines hold ``step``, ``batch_loss``, ``lr``,
+    ``tokens_per_sec``, ``elapsed_s``; evaluation lines add ``train_loss`` and ``val_loss`` (nats).
+    A damaged line (a crash while writing it) is dropped with a warning. Raises CheckpointError when
+    the file cannot be read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    records = []
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").split("\n")
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror}); check the path (an out_dir or its "
+                              "metrics.jsonl) and that it is readable") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip().strip("\0")
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            records.append(record)
+        except ValueError:
+            warnings.warn(f"{path} line {number} is damaged (a crash while writing it?); dropping it",
+                          stacklevel=stacklevel)
+    return records
+
+
 class _Metrics:
     """metrics.jsonl, one JSON object per line; on resume, lines past the restored step are dropped.
 
@@ -333,25 +365,7 @@ class _Metrics:
             self._write_all()
 
     def _read(self) -> list[dict[str, Any]]:
-        records = []
-        try:
-            lines = self.path.read_bytes().decode("utf-8", "replace").split("\n")
-        except OSError as e:
-            raise CheckpointError(f"cannot read {self.path} ({e.strerror}); make it readable or choose "
-                                  "another --out_dir") from None
-        for number, line in enumerate(lines, 1):
-            line = line.strip().strip("\0")
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not an object")
-                records.append(record)
-            except ValueError:
-                warnings.warn(f"{self.path} line {number} is damaged (a crash while writing it?); "
-                              "dropping it", stacklevel=3)
-        return records
+        return read_metrics(self.path, stacklevel=4)
 
     def _write_all(self) -> None:
         try:

@@ -1,0 +1,162 @@
+"""analysis.py: attention weights, per-token log-probabilities and text scores, each against a
+reference written out here from the parameters alone."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import CharTokenizer, attention_weights, logits_fn, loss_fn, score_text, token_logprobs
+from gpt_jax.config import make_config
+from gpt_jax.errors import ConfigError, DataError, TokenizerError
+from gpt_jax.model import init_params, stack_layers
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+
+
+def small(**overrides):
+    tok = CharTokenizer.from_text(TEXT)
+    return make_config(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=8,
+                       dropout=0.0, **overrides), tok
+
+
+def reference_forward(params, cfg, tokens_BxT):
+    """GPT-2's forward pass written out from the parameters: (logits [B, T, V], weights [L, B, H, T, T])."""
+    B, T = tokens_BxT.shape
+    H, D = cfg.n_head, cfg.n_embd
+    K = D // H
+
+    def layer_norm(x, p):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p.get("bias", 0.0)
+
+    def dense(x, p):
+        return x @ p["kernel"] + p.get("bias", 0.0)
+
+    p = jax.tree_util.tree_map(np.asarray, params)
+    x = p["wte"][tokens_BxT] + p["wpe"][:T]
+    all_weights = []
+    for i in range(cfg.n_layer):
+        layer = p[f"h_{i}"]
+        q, k, v = np.split(dense(layer_norm(x, layer["ln_1"]), layer["attn"]["c_attn"]), 3, axis=-1)
+        q, k, v = (a.reshape(B, T, H, K).transpose(0, 2, 1, 3) for a in (q, k, v))
+        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(K)
+        scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        all_weights.append(weights)
+        y = (weights @ v).transpose(0, 2, 1, 3).reshape(B, T, D)
+        x = x + dense(y, layer["attn"]["c_proj"])
+        h = dense(layer_norm(x, layer["ln_2"]), layer["mlp"]["c_fc"])
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+        x = x + dense(h, layer["mlp"]["c_proj"])
+    x = layer_norm(x, p["ln_f"])
+    return x @ p["wte"].T, np.stack(all_weights)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no_bias", "bias"])
+def model(request):
+    cfg, tok = small(bias=request.param)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    # Untrained weights attend almost uniformly: sharpen them so the check has something to see.
+    params = jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, params)
+    return params, cfg, tok
+
+
+def test_attention_weights_are_the_layers_own_softmax(model):
+    params, cfg, tok = model
+    tokens_BxT = np.stack([tok.encode(TEXT[:8]), tok.encode(TEXT[8:16])])
+    weights = np.asarray(attention_weights(params, cfg, tokens_BxT))
+    ref_logits, ref_weights = reference_forward(params, cfg, tokens_BxT)
+    assert weights.shape == (2, 2, 2, 8, 8) and weights.dtype == np.float32
+    np.testing.assert_allclose(weights, ref_weights, atol=2e-5)
+    np.testing.assert_allclose(logits_fn(params, cfg, tokens_BxT), ref_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    assert np.all(weights[..., np.triu_indices(8, 1)[0], np.triu_indices(8, 1)[1]] == 0)  # causal
+    assert weights.std() > 0.05  # not uniform: the reference was compared on real structure
+
+
+@pytest.mark.parametrize("how", [{"scan_layers": True}, {"dtype": "bfloat16"}, {"remat": True}])
+def test_attention_weights_whatever_the_layout_or_dtype(model, how):
+    params, cfg, tok = model
+    other = make_config(**{**cfg.__dict__, **how})
+    other_params = stack_layers(params, other) if other.scan_layers else params
+    tokens = tok.encode(TEXT[:8])
+    np.testing.assert_allclose(attention_weights(other_params, other, tokens),
+                               attention_weights(params, cfg, tokens), atol=1e-6)
+
+
+def test_attention_weights_refuses_what_has_no_attention_or_too_many_tokens(model):
+    params, cfg, tok = model
+    with pytest.raises(ConfigError, match="1 <= T <= 8"):
+        attention_weights(params, cfg, tok.encode(TEXT[:9]))
+    bigram = make_config(model="bigram", vocab_size=cfg.vocab_size, block_size=8)
+    with pytest.raises(ConfigError, match="bigram model has no attention"):
+        attention_weights(init_params(bigram, jax.random.PRNGKey(0)), bigram, tok.encode("To"))
+
+
+def test_token_logprobs_are_each_next_tokens_log_probability(model):
+    params, cfg, tok = model
+    tokens_BxT = np.stack([tok.encode(TEXT[:9]), tok.encode(TEXT[9:18])])  # T = block_size + 1
+    out = np.asarray(token_logprobs(params, cfg, tokens_BxT))
+    ref_logits, _ = reference_forward(params, cfg, tokens_BxT[:, :-1])
+    ref_logp = ref_logits - np.log(np.exp(ref_logits - ref_logits.max(-1, keepdims=True)).sum(-1,
+                                   keepdims=True)) - ref_logits.max(-1, keepdims=True)
+    expected = np.take_along_axis(ref_logp, tokens_BxT[:, 1:, None], -1)[..., 0]
+    assert out.shape == (2, 8)
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    loss = loss_fn(params, cfg, jnp.asarray(tokens_BxT[:, :-1]), jnp.asarray(tokens_BxT[:, 1:]))
+    np.testing.assert_allclose(-out.mean(), loss, rtol=1e-5)
+    with pytest.raises(ConfigError, match="at least 2 tokens"):
+        token_logprobs(params, cfg, tok.encode("T"))
+
+
+def test_score_text_predicts_every_token_but_the_first_once(model):
+    params, cfg, tok = model
+    text = TEXT[:30]  # 30 tokens: windows of 9 overlapping by one, the last one short
+    tokens = tok.encode(text)
+    total = 0.0
+    for i in range(1, len(tokens)):  # brute force: token i from the start of its window
+        start = (i - 1) // cfg.block_size * cfg.block_size
+        logits = logits_fn(params, cfg, jnp.asarray(tokens[None, start:i]))[0, -1]
+        total -= float(jax.nn.log_softmax(logits)[tokens[i]])
+    score = score_text(params, cfg, tok, text)
+    assert (score.tokens, score.chars) == (29, 29)
+    assert score.loss == pytest.approx(total / 29, rel=1e-5)
+    assert score.bits_per_char == pytest.approx(total / 29 / math.log(2), rel=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(total / 29), rel=1e-5)
+
+
+def test_score_text_of_many_windows_and_bad_texts(model):
+    params, cfg, tok = model
+    long_text = TEXT * 12  # more windows than one padded batch holds
+    per_copy = score_text(params, cfg, tok, long_text)
+    assert per_copy.tokens == len(long_text) - 1
+    assert 0 < per_copy.bits_per_char < math.log2(cfg.vocab_size) * 3
+    with pytest.raises(DataError, match="at least 2 tokens"):
+        score_text(params, cfg, tok, "T")
+    with pytest.raises(TokenizerError):
+        score_text(params, cfg, tok, "Zebra ξ")
+
+
+def test_a_trained_model_scores_its_text_better_than_chance(trained_tiny):
+    params, cfg, tok, text = trained_tiny
+    score = score_text(params, cfg, tok, text[-2000:])
+    assert score.bits_per_char < math.log2(cfg.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    from gpt_jax import train
+    from gpt_jax.data import packaged_tiny_shakespeare
+
+    text = packaged_tiny_shakespeare().read_text()
+    cfg = make_config(dataset=str(packaged_tiny_shakespeare()), data_dir=str(tmp_path_factory.mktemp("d")),
+                      out_dir=str(tmp_path_factory.mktemp("o")), n_layer=1, n_head=2, n_embd=32,
+                      block_size=32, batch_size=8, max_iters=60, lr_decay_iters=60, warmup_iters=5,
+                      eval_interval=1000, eval_iters=1, log_interval=1000, progress=False,
+                      learning_rate=1e-2, dropout=0.0)
+    result = train(cfg, log=lambda msg: None)
+    return result.state.params, result.config, result.tokenizer, text
