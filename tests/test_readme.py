@@ -11,9 +11,10 @@ from gpt_jax.training import train
 
 
 def notebook_example() -> str:
+    """The Python blocks of the README's notebook section, one after the other."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Notebook API", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = readme.split("## Notebook API", 1)[1].split("\n## ", 1)[0]
+    return "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
 
 
 def test_readme_opens_with_the_two_commands():
@@ -25,11 +26,13 @@ def test_readme_opens_with_the_two_commands():
 def test_notebook_example_runs(tiny_cfg, tmp_path, monkeypatch, capsys):
     train(dataclasses.replace(tiny_cfg, out_dir=str(tmp_path / "out-shakespeare-char-cpu")))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     capsys.readouterr()
     exec(compile(notebook_example(), "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("ROMEO:")
-    assert "'train':" in printed[-1] and "'val':" in printed[-1]
+    assert "'train':" in printed[-2] and "'val':" in printed[-2]
+    assert re.fullmatch(r"\d\.\d{3} bits per character, perplexity \d+\.\d\d", printed[-1])
 
 
 def colab_cells(**settings) -> list[str]:

@@ -11,7 +11,8 @@ from gpt_jax import generate, load_checkpoint, make_config, score_text, train
 TEXT = """Küçük İpek, ığdır'dan gelen öğretmenine şöyle sordu: "Işık neden bu kadar hızlı?"
 Öğretmen gülümsedi: "Çünkü ışığın yolunda hiçbir şey onu yavaşlatmaz, İpek."
 Çocuklar ağaçların gölgesinde oturdu; rüzgâr yaprakları hışırdattı.
-Ünlü bir kural: Türkçede hiçbir kelime Ğ harfiyle başlamaz. Şu dağın ardında, ılık bir gölün kıyısında, yaşlı bir çoban ağır ağır şarkı söylüyordu.
+Ünlü bir kural: Türkçede hiçbir kelime Ğ harfiyle başlamaz.
+Şu dağın ardında, ılık bir gölün kıyısında, yaşlı bir çoban ağır ağır şarkı söylüyordu.
 """
 
 
