@@ -4,7 +4,7 @@ Needs matplotlib (the ``notebooks`` extra: ``pip install -e '.[notebooks]'``). E
 ``ax`` (a new figure when it is None) and returns the Axes, so figures can be combined.
 
 Command line: ``python -m gpt_jax.plots OUT_DIR [OUT_DIR ...] --out=loss.png`` draws the loss curves of
-runs side by side into an image.
+runs on one chart into an image.
 """
 
 from __future__ import annotations
@@ -136,10 +136,11 @@ def main(argv: list[str]) -> int:
     from gpt_jax.cli import ArgumentParser
 
     parser = ArgumentParser(prog="python -m gpt_jax.plots",
-                            description="Draw the loss curves of one or several runs into an image.")
+                            description="Draw the loss curves of runs, on one chart, into an image.")
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR",
-                        help="a run's out_dir (or its metrics.jsonl); several are drawn side by side")
-    parser.add_argument("--out", default="loss.png", help="the image to write (.png, .svg, .pdf)")
+                        help="a run's out_dir (or its metrics.jsonl); several are drawn on one chart")
+    parser.add_argument("--out", default="loss.png",
+                        help="the image to write: .png, .svg or .pdf (default: loss.png here)")
     parser.add_argument("--labels", default=None, help="comma-separated names of the runs")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None

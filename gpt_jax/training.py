@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto wants ipywidgets in a notebook
 
 from gpt_jax import sharding
 from gpt_jax.checkpoint import Checkpointer, checkpoint_dir, complete_steps, make_metadata, resume_changes

@@ -100,7 +100,7 @@ def plot_command(*args):
                           timeout=120)
 
 
-def test_the_command_draws_runs_side_by_side_into_a_png(tmp_path):
+def test_the_command_draws_runs_on_one_chart_into_a_png(tmp_path):
     a = write_run(tmp_path / "a", [4.0, 3.0, 2.5])
     b = write_run(tmp_path / "b", [4.0, 3.2])
     out = tmp_path / "loss.png"
