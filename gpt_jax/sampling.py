@@ -53,6 +53,7 @@ from gpt_jax import sharding
 from gpt_jax.config import Config
 from gpt_jax.errors import ConfigError, GenerationTooLargeError, NonFiniteModelError
 from gpt_jax.model import cached_logits_fn, compute_dtype, for_decoding, init_cache, logits_fn
+from gpt_jax.tokenizer import check_ids
 
 CHUNK = 256  # loop steps per compiled call
 MAX_NEW_TOKENS = 2**30  # the loop counts positions in int32
@@ -408,13 +409,7 @@ def _check_prompt(prompt: np.ndarray, cfg: Config, name: str) -> np.ndarray:
     if prompt.size == 0:
         raise ConfigError(f"{name} is empty; give at least one token (tok.encode of some text; on the "
                           "command line --start=TEXT)")
-    if prompt.dtype.kind not in "iu":
-        raise ConfigError(f"{name} must hold integer token ids (encode text with the tokenizer), got "
-                          f"{prompt.dtype}")
-    if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
-        raise ConfigError(f"prompt token ids must be in [0, {cfg.vocab_size}), got {prompt.min()}.."
-                          f"{prompt.max()} in {name}")
-    return prompt.astype(np.int32)[-cfg.block_size:]
+    return check_ids(prompt, cfg.vocab_size, name)[-cfg.block_size:]
 
 
 def _groups_by_length(prompts: list[np.ndarray]) -> list[list[int]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt_jax.errors import TokenizerError
+from gpt_jax.errors import ConfigError, TokenizerError
 
 NORMALIZATIONS = ("", "nfc")  # "": text as given (vocabularies saved before text hygiene); "nfc"
 _MAX_NAMED = 10  # unknown characters named in one error message
@@ -27,6 +27,17 @@ _CONTROL_NAMES = {"\0": "NULL", "\t": "CHARACTER TABULATION", "\n": "LINE FEED",
                   "\f": "FORM FEED", "\r": "CARRIAGE RETURN", "\x1b": "ESCAPE", "\x7f": "DELETE"}
 _UNNAMED = {"Cc": "CONTROL CHARACTER", "Co": "PRIVATE USE CHARACTER", "Cs": "SURROGATE",
             "Cn": "UNASSIGNED CHARACTER"}
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> np.ndarray:
+    """``ids`` as int32 if they are integer token ids in [0, vocab_size); else ConfigError naming
+    ``what`` (a model would read an id outside the vocabulary as a zero, NaN or wrapped-around row)."""
+    if ids.dtype.kind not in "iu":
+        raise ConfigError(f"{what} must hold integer token ids (encode text with the tokenizer), got "
+                          f"{ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ConfigError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()} in {what}")
+    return ids.astype(np.int32)
 
 
 def normalize_text(text: str) -> str:

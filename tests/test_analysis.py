@@ -90,7 +90,7 @@ def test_attention_weights_whatever_the_layout_or_dtype(model, how):
 
 def test_attention_weights_refuses_what_has_no_attention_or_too_many_tokens(model):
     params, cfg, tok = model
-    with pytest.raises(ConfigError, match="1 <= T <= 8"):
+    with pytest.raises(ConfigError, match=r"shape \[T\] or \[B, T\] with 1 <= T <= 8, got shape \(9,\)"):
         attention_weights(params, cfg, tok.encode(TEXT[:9]))
     bigram = make_config(model="bigram", vocab_size=cfg.vocab_size, block_size=8)
     with pytest.raises(ConfigError, match="bigram model has no attention"):
@@ -109,13 +109,27 @@ def test_token_logprobs_are_each_next_tokens_log_probability(model):
     np.testing.assert_allclose(out, expected, atol=1e-4)
     loss = loss_fn(params, cfg, jnp.asarray(tokens_BxT[:, :-1]), jnp.asarray(tokens_BxT[:, 1:]))
     np.testing.assert_allclose(-out.mean(), loss, rtol=1e-5)
-    with pytest.raises(ConfigError, match="at least 2 tokens"):
+    with pytest.raises(ConfigError, match="with 2 <= T <= 9, got shape"):
         token_logprobs(params, cfg, tok.encode("T"))
 
 
-def test_score_text_predicts_every_token_but_the_first_once(model):
+@pytest.mark.parametrize("tokens, problem", [
+    ([1, 2, 99], r"token ids must be in \[0, \d+\), got 1..99"),
+    ([1, 2, -1], r"token ids must be in \[0, \d+\), got -1..2"),
+    ([1.5, 2.0, 3.0], "must hold integer token ids"),
+    ([[1, 2], [3]], "takes token ids"),
+])
+def test_ids_outside_the_vocabulary_are_refused_not_read_as_garbage(model, tokens, problem):
+    params, cfg, _ = model
+    for look in (attention_weights, token_logprobs):
+        with pytest.raises(ConfigError, match=problem):
+            look(params, cfg, tokens)
+
+
+@pytest.mark.parametrize("length", [2, 9, 10, 30, 8 * 70 + 3])  # one window, exactly full, one more, ...
+def test_score_text_predicts_every_token_but_the_first_once(model, length):
     params, cfg, tok = model
-    text = TEXT[:30]  # 30 tokens: windows of 9 overlapping by one, the last one short
+    text = (TEXT * 8)[:length]  # windows of 9 tokens overlapping by one; the last may be short
     tokens = tok.encode(text)
     total = 0.0
     for i in range(1, len(tokens)):  # brute force: token i from the start of its window
@@ -123,10 +137,18 @@ def test_score_text_predicts_every_token_but_the_first_once(model):
         logits = reference_forward(params, cfg, tokens[None, start:i])[0][0, -1].astype(np.float64)
         total -= logits[tokens[i]] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
     score = score_text(params, cfg, tok, text)
-    assert (score.tokens, score.chars) == (29, 29)
-    assert score.loss == pytest.approx(total / 29, rel=1e-5)
-    assert score.bits_per_char == pytest.approx(total / 29 / math.log(2), rel=1e-5)
-    assert score.perplexity == pytest.approx(math.exp(total / 29), rel=1e-5)
+    n = length - 1
+    assert (score.tokens, score.chars) == (n, n)
+    assert score.loss == pytest.approx(total / n, rel=1e-5)
+    assert score.bits_per_char == pytest.approx(total / n / math.log(2), rel=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(total / n), rel=1e-5)
+
+
+def test_a_model_that_rules_the_text_out_has_infinite_perplexity(model):
+    params, cfg, tok = model
+    blown_up = {**params, "wte": params["wte"] * 1000}  # logits in the thousands: exp(loss) overflows
+    score = score_text(blown_up, cfg, tok, TEXT[:20])
+    assert score.loss > 709 and score.perplexity == math.inf
 
 
 def test_score_text_of_many_windows_and_bad_texts(model):
@@ -139,3 +161,8 @@ def test_score_text_of_many_windows_and_bad_texts(model):
         score_text(params, cfg, tok, "T")
     with pytest.raises(TokenizerError):
         score_text(params, cfg, tok, "Zebra ξ")
+    with pytest.raises(DataError, match="as a str, got bytes"):
+        score_text(params, cfg, tok, TEXT.encode())
+    bigger = CharTokenizer.from_text(TEXT + "~")  # another model's vocabulary: "~" is past this one's
+    with pytest.raises(ConfigError, match="token ids must be in"):
+        score_text(params, cfg, bigger, "to be ~")

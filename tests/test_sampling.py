@@ -276,8 +276,8 @@ def test_invalid_settings(params, kwargs, message):
     (np.ones((2, 2, 2), np.int32), r"one prompt \[P\], a batch of prompts \[B, P\] or a list of prompts.*"
                                    "got an array of 3 dimensions"),
     ([[1], [[2]]], r"one prompt \[P\], a batch of prompts \[B, P\] or a list of prompts"),
-    ([1, 11], r"prompt token ids must be in \[0, 11\), got 1..11 in the prompt"),
-    ([[1, 2], [3, -1]], r"prompt token ids must be in \[0, 11\), got -1..3 in prompt 1 \(of 2\)"),
+    ([1, 11], r"token ids must be in \[0, 11\), got 1..11 in the prompt"),
+    ([[1, 2], [3, -1]], r"token ids must be in \[0, 11\), got -1..3 in prompt 1 \(of 2\)"),
     ([1.0, 2.0], "the prompt must hold integer token ids"),
     ("ROMEO:", r"prompts are token ids, not text: encode them first, e.g. tok.encode\('ROMEO:'\)"),
     (["ROMEO:", "JULIET:"], "prompts are token ids, not text"),
