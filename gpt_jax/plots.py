@@ -25,14 +25,39 @@ Run = str | Path | Sequence[dict[str, Any]]
 def _records(run: Run) -> list[dict[str, Any]]:
     if isinstance(run, str | Path):
         return read_metrics(run)
+    if isinstance(run, dict) or not all(isinstance(r, dict) for r in run):
+        raise ConfigError("a run is an out_dir, a metrics.jsonl path or a list of records (dicts, as "
+                          f"TrainResult.history), got {type(run).__name__}")
     return list(run)
 
 
 def _label(run: Run, i: int) -> str:
     if isinstance(run, str | Path):
-        path = Path(run)
+        path = Path(run).resolve()
         return path.parent.name if path.name == "metrics.jsonl" else path.name
     return f"run {i + 1}"
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a JSON number or a numpy/JAX scalar; None for anything else (bool included)."""
+    if isinstance(value, bool | str | bytes) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """{"batch_loss" | "train_loss" | "val_loss": [(step, loss), ...]} of the records that have them."""
+    curves = {}
+    for key in ("batch_loss", "train_loss", "val_loss"):
+        points = [(_number(r.get("step")), _number(r.get(key))) for r in records]
+        points = [p for p in points if None not in p]
+        if points:
+            curves[key] = points
+    return curves
 
 
 def pyplot():
@@ -59,24 +84,22 @@ def loss_curves(*runs: Run, labels: Sequence[str] | None = None, ax=None):
     """
     if not runs:
         raise ConfigError("loss_curves needs at least one run: an out_dir, a metrics.jsonl or records")
+    labels = [labels] if isinstance(labels, str) else labels
     if labels is not None and len(labels) != len(runs):
         raise ConfigError(f"got {len(labels)} labels for {len(runs)} runs")
+    labels = labels or [_label(run, i) for i, run in enumerate(runs)]
+    curves = [_curves(_records(run)) for run in runs]  # every run is read before anything is drawn
+    for label, run_curves in zip(labels, curves, strict=True):
+        if not run_curves:
+            raise ConfigError(f"{label} has no finite loss recorded (no log or evaluation line with one)")
     ax = _axes(ax)
-    for i, run in enumerate(runs):
-        records, label = _records(run), labels[i] if labels is not None else _label(run, i)
-        color = f"C{i % 10}"
-        drawn = False
-        for key, style in (("batch_loss", dict(alpha=0.3, linewidth=0.8)),
-                           ("train_loss", dict(linestyle="--", marker=".")),
-                           ("val_loss", dict(marker="."))):
-            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)
-                      and isinstance(r.get("step"), int) and math.isfinite(r[key])]
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, color=color, label=f"{label}: {key.replace('_', ' ')}", **style)
-                drawn = True
-        if not drawn:
-            raise ConfigError(f"{label} has no loss recorded yet (no log or evaluation line)")
+    styles = {"batch_loss": dict(alpha=0.3, linewidth=0.8), "train_loss": dict(linestyle="--", marker="."),
+              "val_loss": dict(marker=".")}
+    for i, (label, run_curves) in enumerate(zip(labels, curves, strict=True)):
+        for key, points in run_curves.items():
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, color=f"C{i % 10}", label=f"{label}: {key.replace('_', ' ')}",
+                    **styles[key])
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3)
@@ -95,12 +118,12 @@ def attention_heatmap(weights_TxT: Any, labels: Sequence[str] | None = None, ax=
     weights_TxT = np.asarray(weights_TxT, dtype=np.float32)
     if weights_TxT.ndim != 2 or weights_TxT.shape[0] != weights_TxT.shape[1]:
         raise ConfigError(f"attention_heatmap takes a square [T, T] array, got shape {weights_TxT.shape}")
+    if labels is not None and len(labels) != weights_TxT.shape[0]:
+        raise ConfigError(f"got {len(labels)} labels for {weights_TxT.shape[0]} tokens")
     ax = _axes(ax)
     image = ax.imshow(weights_TxT, cmap="viridis", vmin=0.0, vmax=1.0)
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if labels is not None:
-        if len(labels) != weights_TxT.shape[0]:
-            raise ConfigError(f"got {len(labels)} labels for {weights_TxT.shape[0]} tokens")
         shown = [{"\n": "\\n", " ": "␣", "\t": "\\t"}.get(t, t) for t in labels]
         ticks = np.arange(len(shown))
         ax.set_xticks(ticks, shown, fontsize="small")
@@ -119,8 +142,8 @@ def positional_table(table_TxD: Any, ax=None, title: str | None = None):
     Raises ConfigError for another shape.
     """
     table_TxD = np.asarray(table_TxD, dtype=np.float32)
-    if table_TxD.ndim != 2:
-        raise ConfigError(f"positional_table takes a [T, D] array, got shape {table_TxD.shape}")
+    if table_TxD.ndim != 2 or table_TxD.size == 0:
+        raise ConfigError(f"positional_table takes a non-empty [T, D] array, got shape {table_TxD.shape}")
     ax = _axes(ax)
     limit = float(np.abs(table_TxD).max()) or 1.0
     image = ax.imshow(table_TxD, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
@@ -149,6 +172,10 @@ def main(argv: list[str]) -> int:
     fig, ax = plt.subplots(figsize=(8, 5))
     loss_curves(*args.out_dirs, labels=labels, ax=ax)
     out = Path(args.out)
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(f"--out={args.out} needs an image extension: .png, .svg or .pdf (or one of "
+                          f"{', '.join(sorted(formats))})")
     try:
         fig.savefig(out, dpi=120, bbox_inches="tight")
     except (OSError, ValueError) as e:

@@ -316,23 +316,32 @@ def _nothing_to_resume(out_dir: str | Path) -> NoCheckpointError:
                              "--init_from=auto to start fresh when there is none")
 
 
-def read_metrics(path: str | Path, *, stacklevel: int = 2) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (``path``, or an out_dir holding one), in order.
 
     Each record is one JSON object: log lines hold ``step``, ``batch_loss``, ``lr``,
     ``tokens_per_sec``, ``elapsed_s``; evaluation lines add ``train_loss`` and ``val_loss`` (nats).
-    A damaged line (a crash while writing it) is dropped with a warning. Raises CheckpointError when
-    the file cannot be read.
+    Damaged lines (a crash while writing) are dropped with one warning. Raises CheckpointError when the
+    file cannot be read or no line of it is a JSON object.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    records = []
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    records, damaged = _parse_metrics(path)
+    if damaged and not records:
+        raise CheckpointError(f"{path} is not a metrics file (no line of it is a JSON object); give an "
+                              "out_dir or the metrics.jsonl a training wrote")
+    _warn_damaged(path, damaged, stacklevel=3)
+    return records
+
+
+def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(the JSON-object lines of ``path``, the numbers of the lines that are not)."""
     try:
-        lines = path.read_bytes().decode("utf-8", "replace").split("\n")
+        lines = path.read_bytes().decode("utf-8", "replace").removeprefix("\ufeff").split("\n")
     except OSError as e:
         raise CheckpointError(f"cannot read {path} ({e.strerror}); check the path (an out_dir or its "
                               "metrics.jsonl) and that it is readable") from None
+    records, damaged = [], []
     for number, line in enumerate(lines, 1):
         line = line.strip().strip("\0")
         if not line:
@@ -343,9 +352,17 @@ def read_metrics(path: str | Path, *, stacklevel: int = 2) -> list[dict[str, Any
                 raise ValueError("not an object")
             records.append(record)
         except ValueError:
-            warnings.warn(f"{path} line {number} is damaged (a crash while writing it?); dropping it",
-                          stacklevel=stacklevel)
-    return records
+            damaged.append(number)
+    return records, damaged
+
+
+def _warn_damaged(path: Path, damaged: list[int], stacklevel: int) -> None:
+    if len(damaged) == 1:
+        warnings.warn(f"{path} line {damaged[0]} is damaged (a crash while writing it?); dropping it",
+                      stacklevel=stacklevel)
+    elif damaged:
+        warnings.warn(f"{path} lines {damaged[0]}, ... ({len(damaged)} lines) are damaged; dropping them",
+                      stacklevel=stacklevel)
 
 
 class _Metrics:
@@ -365,7 +382,9 @@ class _Metrics:
             self._write_all()
 
     def _read(self) -> list[dict[str, Any]]:
-        return read_metrics(self.path, stacklevel=4)
+        records, damaged = _parse_metrics(self.path)
+        _warn_damaged(self.path, damaged, stacklevel=4)
+        return records
 
     def _write_all(self) -> None:
         try:

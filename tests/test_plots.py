@@ -46,11 +46,37 @@ def test_loss_curves_refuse_what_they_cannot_draw(tmp_path):
         plots.loss_curves()
     with pytest.raises(ConfigError, match="2 labels for 1 runs"):
         plots.loss_curves([{"step": 0, "batch_loss": 1.0}], labels=["a", "b"])
-    with pytest.raises(ConfigError, match="no loss recorded"):
-        plots.loss_curves([{"step": 0, "lr": 1.0}])
+    with pytest.raises(ConfigError, match="no finite loss recorded"):
+        plots.loss_curves([{"step": 0, "lr": 1.0}, {"step": 1, "val_loss": float("nan")}])
+    with pytest.raises(ConfigError, match="a list of records"):
+        plots.loss_curves({"step": 0, "batch_loss": 1.0})
     with pytest.raises(Exception, match="cannot read .*metrics.jsonl"):
         plots.loss_curves(tmp_path / "missing")
     plt.close("all")
+
+
+def test_loss_curves_take_numpy_and_jax_numbers_and_one_label_as_a_string():
+    records = [{"step": np.int64(0), "batch_loss": np.float32(4.0)},
+               {"step": 10, "batch_loss": jnp.float32(3.0)}, {"step": 20, "batch_loss": True}]
+    ax = plots.loss_curves(records, labels="mine")
+    (line,) = ax.get_lines()
+    assert line.get_label() == "mine: batch loss"
+    np.testing.assert_allclose(line.get_xydata(), [[0, 4.0], [10, 3.0]])  # a bool is not a loss
+    plt.close("all")
+
+
+def test_metrics_files_read_back_with_damage_named_once(tmp_path):
+    from gpt_jax import read_metrics
+    from gpt_jax.errors import CheckpointError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"step": 0, "batch_loss": 4.0}\n' + b"garbage\n" * 500 + b'{"step": 5}\n')
+    with pytest.warns(UserWarning) as caught:
+        assert read_metrics(tmp_path) == [{"step": 0, "batch_loss": 4.0}, {"step": 5}]
+    assert len(caught) == 1 and "lines 2, ... (500 lines) are damaged" in str(caught[0].message)
+    path.write_text("root:x:0:0:root:/root:/bin/bash\n" * 50)
+    with pytest.raises(CheckpointError, match="is not a metrics file"):
+        read_metrics(path)
 
 
 def test_attention_heatmap_shows_the_weights_with_visible_token_labels():
@@ -110,3 +136,6 @@ def test_the_command_draws_runs_on_one_chart_into_a_png(tmp_path):
     bad = plot_command(str(tmp_path / "nowhere"), f"--out={out}")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "error: cannot read" in bad.stderr and "nowhere" in bad.stderr
+    no_extension = plot_command(str(a), f"--out={tmp_path / 'curves'}")
+    assert no_extension.returncode == 2 and "needs an image extension" in no_extension.stderr
+    assert not list(tmp_path.glob("curves*"))
