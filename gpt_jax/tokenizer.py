@@ -1,25 +1,40 @@
-"""Character-level tokenizer, as in the course: one token per distinct character.
+"""Tokenizers behind one small interface (``Tokenizer``), saved to and restored from checkpoint metadata.
+
+- ``CharTokenizer``: one token per distinct character of the training text, as in the course;
+- ``ByteTokenizer``: the UTF-8 bytes (ids 0..255) plus end-of-text (256), so no text is out of vocabulary;
+- ``BpeTokenizer``: a byte-level BPE trained on the corpus with Hugging Face ``tokenizers``;
+- ``Gpt2Tokenizer``: GPT-2's own encoding through ``tiktoken`` (or any ranks file in its format).
+
+``tokenizer_from_json`` restores any of them from what its ``to_json`` wrote.
 
 Text hygiene: training text and prompts pass through the same ``normalize_text`` (no byte-order mark,
 ``\\n`` line endings, Unicode NFC), so a prompt typed in decomposed form (``"O\\u0308"``, as macOS
-keyboards give) encodes like the composed text the model was trained on. The tokenizer records its
-normalisation, so vocabularies saved before it existed keep their behaviour.
+keyboards give) encodes like the composed text the model was trained on. The character tokenizer records
+its normalisation, so vocabularies saved before it existed keep their behaviour; the other tokenizers
+always normalise.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import functools
+import hashlib
+import os
+import re
 import unicodedata
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from gpt_jax.errors import ConfigError, TokenizerError
 
 NORMALIZATIONS = ("", "nfc")  # "": text as given (vocabularies saved before text hygiene); "nfc"
+KINDS = ("char", "byte", "bpe", "gpt2")
+UNKNOWN_POLICIES = ("error", "skip", "replace")  # CharTokenizer.encode's choices for unknown characters
+EOT = "<|endoftext|>"  # the end-of-text token of the BPE and GPT-2 tokenizers
 _MAX_NAMED = 10  # unknown characters named in one error message
 
 # Control characters have no Unicode name (unicodedata.name fails); these are the ones text holds.
@@ -65,6 +80,73 @@ def _describe(c: str) -> str:
     return f"{shown} (U+{ord(c):04X} {name})"
 
 
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What every tokenizer offers.
+
+    ``kind`` is one of ``KINDS``; token ids are ``0..vocab_size-1``; ``eot_id`` is the end-of-text id
+    that separates documents (None for ``char``, which has none). ``encode`` normalises first
+    (``normalize``) and returns int32 ids of shape [N]; ``decode`` takes any int sequence or array, raises
+    TokenizerError for an id outside the vocabulary, renders end-of-text as nothing and never fails on
+    bytes that are not valid UTF-8 (they become U+FFFD). ``unknown`` lists the characters ``encode``
+    cannot take (always empty but for ``char``). ``to_json`` is JSON-safe and names the ``kind``.
+    """
+
+    kind: str
+    vocab_size: int
+    eot_id: int | None
+
+    def normalize(self, text: str) -> str: ...
+
+    def unknown(self, text: str) -> list[str]: ...
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, tokens: Any) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def tokenizer_from_json(data: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a ``to_json`` described, of any kind. A description without ``kind`` is a character
+    vocabulary (checkpoints written before the other kinds existed). Raises TokenizerError, one line, for
+    an unknown kind or a broken description."""
+    if not isinstance(data, dict):
+        raise TokenizerError(f"unsupported tokenizer description: {str(data)[:80]}")
+    kind = data.get("kind", "char")
+    if kind == "char":
+        return CharTokenizer.from_json({**data, "kind": "char"})
+    if kind == "byte":
+        return ByteTokenizer.from_json(data)
+    if kind == "bpe":
+        return BpeTokenizer.from_json(data)
+    if kind == "gpt2":
+        return Gpt2Tokenizer.from_json(data)
+    raise TokenizerError(f"unknown tokenizer kind {str(kind)[:40]!r}; expected one of {KINDS}")
+
+
+def _check_ids_in_range(tokens: Any, vocab_size: int) -> np.ndarray:
+    """``tokens`` as a flat int64 array; TokenizerError for ids that are not integers in [0, vocab_size)."""
+    ids = np.asarray(tokens).reshape(-1)
+    if ids.size and ids.dtype.kind not in "iu":
+        raise TokenizerError(f"token ids must be integers, got {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise TokenizerError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    return ids.astype(np.int64)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` in UTF-8; a lone surrogate (which UTF-8 cannot hold: a str made from undecodable bytes
+    with ``surrogateescape``) becomes U+FFFD, as tiktoken does."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
 @dataclasses.dataclass(frozen=True)
 class CharTokenizer:
     """``chars[i]`` is the character of token ``i``; the vocabulary is sorted.
@@ -75,6 +157,9 @@ class CharTokenizer:
 
     chars: str
     normalization: str = ""
+
+    kind: ClassVar[str] = "char"
+    eot_id: ClassVar[None] = None  # a character vocabulary has no end-of-text token
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -106,13 +191,24 @@ class CharTokenizer:
         index = self._index
         return list(dict.fromkeys(c for c in self.normalize(text) if c not in index))
 
-    def encode(self, text: str) -> np.ndarray:
-        """``normalize(text)`` -> int32 token ids of shape [len(normalize(text))].
+    def encode(self, text: str, unknown: str = "error") -> np.ndarray:
+        """``normalize(text)`` -> int32 token ids of shape [N].
 
-        Raises TokenizerError naming the characters outside the vocabulary.
+        ``unknown`` says what happens to characters outside the vocabulary: ``"error"`` (the default)
+        raises TokenizerError naming them; ``"skip"`` drops them; ``"replace"`` puts the replacement
+        character in their place (``replacement``: a space if the vocabulary has one, else its first
+        character). N is ``len(normalize(text))`` but with ``"skip"``. Any other ``unknown`` is a
+        TokenizerError.
         """
+        if unknown not in UNKNOWN_POLICIES:
+            raise TokenizerError(f"unknown={unknown!r} is not one of {UNKNOWN_POLICIES}")
         text = self.normalize(text)
         index = self._index
+        if unknown == "skip":
+            return np.array([index[c] for c in text if c in index], dtype=np.int32)
+        if unknown == "replace":
+            other = index[self.replacement]
+            return np.array([index.get(c, other) for c in text], dtype=np.int32)
         try:
             return np.fromiter((index[c] for c in text), dtype=np.int32, count=len(text))
         except KeyError:
@@ -120,6 +216,12 @@ class CharTokenizer:
                 f"text has characters outside the vocabulary: {describe_characters(self.unknown(text))}; "
                 "remove them or train on a corpus that contains them"
             ) from None
+
+    @property
+    def replacement(self) -> str:
+        """What ``encode(..., unknown="replace")`` puts for a character outside the vocabulary: a space
+        if the vocabulary has one, else its first character."""
+        return " " if " " in self._index else self.chars[0]
 
     def decode(self, tokens: Any) -> str:
         """Token ids (any int sequence or array) -> text."""
@@ -159,3 +261,301 @@ def _check_vocabulary(chars: str) -> None:
     if i is not None:
         raise TokenizerError(f"the vocabulary is not sorted: {describe_characters(chars[i - 1:i + 1])} at "
                              f"positions {i - 1} and {i}")
+
+
+def _json_kind(data: Any, kind: str) -> dict[str, Any]:
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise TokenizerError(f"not a {kind} tokenizer description: {str(data)[:80]}")
+    return data
+
+
+class ByteTokenizer:
+    """The UTF-8 bytes of the normalised text: ids 0..255 are the bytes, 256 is end-of-text."""
+
+    kind: ClassVar[str] = "byte"
+    vocab_size: ClassVar[int] = 257
+    eot_id: ClassVar[int] = 256
+
+    def normalize(self, text: str) -> str:
+        return normalize_text(text)
+
+    def unknown(self, text: str) -> list[str]:
+        return []
+
+    def encode(self, text: str) -> np.ndarray:
+        """``normalize(text)`` -> its UTF-8 bytes as int32 ids [N] (a lone surrogate as U+FFFD)."""
+        return np.frombuffer(_utf8(self.normalize(text)), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, tokens: Any) -> str:
+        """Ids -> text; end-of-text ids render as nothing and bytes that are not UTF-8 as U+FFFD."""
+        ids = _check_ids_in_range(tokens, self.vocab_size)
+        return ids[ids != self.eot_id].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "byte", "normalization": "nfc"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ByteTokenizer:
+        _json_kind(data, "byte")
+        if data.get("normalization", "nfc") != "nfc":
+            raise TokenizerError(f"a byte tokenizer normalises to NFC, not {data['normalization']!r}")
+        return cls()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __hash__(self) -> int:
+        return hash("byte")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class BpeTokenizer:
+    """A byte-level BPE (GPT-2's scheme) trained with Hugging Face ``tokenizers``.
+
+    Every byte is in the initial alphabet, so no text is out of vocabulary, and decoding the ids of a
+    text gives back the normalised text exactly. ``<|endoftext|>`` is the end-of-text token; in text it
+    is plain text (``encode`` never produces the end-of-text id). ``to_json`` carries the whole trained
+    tokenizer, so a checkpoint needs nothing else.
+    """
+
+    kind: ClassVar[str] = "bpe"
+    MIN_VOCAB_SIZE: ClassVar[int] = 258  # 256 bytes, end-of-text, and at least one merge
+
+    def __init__(self, tokenizer: Any):
+        """``tokenizer``: a ``tokenizers.Tokenizer`` as ``train`` makes it (use ``train``/``from_json``)."""
+        self._tok = tokenizer
+        self._tok.encode_special_tokens = True  # "<|endoftext|>" in text is text, not the token
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        eot_id = tokenizer.token_to_id(EOT)
+        if eot_id is None:
+            raise TokenizerError(f"the BPE tokenizer has no {EOT} token")
+        self.eot_id: int = eot_id
+        ids = set(tokenizer.get_vocab(with_added_tokens=True).values())
+        if ids != set(range(self.vocab_size)):
+            raise TokenizerError(f"the BPE tokenizer's ids are not 0..{self.vocab_size - 1}")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096) -> BpeTokenizer:
+        """A BPE of at most ``vocab_size`` tokens (fewer when the texts have fewer pairs to merge),
+        trained on ``texts`` (any iterable of documents, read once, one at a time; each is normalised).
+        Raises TokenizerError for ``vocab_size`` under 258 (the bytes, end-of-text and one merge)."""
+        from tokenizers import Tokenizer as HfTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if not isinstance(vocab_size, int) or vocab_size < cls.MIN_VOCAB_SIZE:
+            raise TokenizerError(f"a BPE vocabulary needs at least {cls.MIN_VOCAB_SIZE} tokens (256 bytes, "
+                                 f"end-of-text and one merge), got vocab_size={vocab_size!r}")
+        tok = HfTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.encode_special_tokens = True
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator((_utf8(normalize_text(t)).decode("utf-8") for t in texts), trainer=trainer)
+        return cls(tok)
+
+    def normalize(self, text: str) -> str:
+        return normalize_text(text)
+
+    def unknown(self, text: str) -> list[str]:
+        return []
+
+    def encode(self, text: str) -> np.ndarray:
+        """``normalize(text)`` -> int32 token ids [N] (a lone surrogate as U+FFFD)."""
+        text = _utf8(self.normalize(text)).decode("utf-8")
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, tokens: Any) -> str:
+        """Ids -> text; end-of-text ids render as nothing and bytes that are not UTF-8 as U+FFFD."""
+        ids = _check_ids_in_range(tokens, self.vocab_size)
+        return self._tok.decode(ids.tolist(), skip_special_tokens=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "bpe", "normalization": "nfc", "tokenizer": self._tok.to_str()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BpeTokenizer:
+        from tokenizers import Tokenizer as HfTokenizer
+
+        _json_kind(data, "bpe")
+        saved = data.get("tokenizer")
+        if not isinstance(saved, str):
+            raise TokenizerError(f"the BPE description has no tokenizer string: {str(saved)[:80]}")
+        try:
+            tok = HfTokenizer.from_str(saved)
+        except Exception as e:  # tokenizers raises a bare Exception for a broken description
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TokenizerError(f"the saved BPE tokenizer cannot be read: {message[:200]}") from None
+        if type(tok.model).__name__ != "BPE":
+            raise TokenizerError(f"the saved tokenizer is a {type(tok.model).__name__}, not a BPE")
+        return cls(tok)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BpeTokenizer) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(self._tok.to_str())
+
+    def __reduce__(self):  # worker processes get it through its description
+        return tokenizer_from_json, (self.to_json(),)
+
+    def __repr__(self) -> str:
+        return f"BpeTokenizer(vocab_size={self.vocab_size})"
+
+
+# GPT-2's pre-tokenising pattern (tiktoken's "r50k" pattern; Radford et al. 2019, the released encoder).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_N_VOCAB = 50257  # 50,256 ranks and <|endoftext|>
+
+
+def read_ranks_file(path: str | os.PathLike) -> dict[bytes, int]:
+    """The ranks of a ``.tiktoken`` file: one ``<base64 token> <rank>`` per line, ranks 0..N-1, and
+    every single byte among the tokens (so no text is out of vocabulary). TokenizerError, one line,
+    naming the file (and line) otherwise.
+
+    The file is read directly (not through tiktoken's download cache, which keys files by path and would
+    serve an old copy of a file that changed).
+    """
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise TokenizerError(f"cannot read the encoding file {os.fspath(path)}: {e.strerror or e}") from None
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise TokenizerError(f"{os.fspath(path)}:{number}: not a '<base64 token> <rank>' line of a "
+                                 f".tiktoken encoding file: {line[:60]!r}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{os.fspath(path)}: the ranks are not 0..{len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{os.fspath(path)}: {len(missing)} single bytes have no rank (the first: "
+                             f"{missing[0]}); a byte-level encoding needs all 256")
+    return ranks
+
+
+class Gpt2Tokenizer:
+    """GPT-2's encoding through ``tiktoken``: 50,257 ids, ``<|endoftext|>`` = 50256.
+
+    ``load()`` asks tiktoken for ``"gpt2"`` (downloaded once, then read from tiktoken's cache, the folder
+    in ``$TIKTOKEN_CACHE_DIR``). Offline, ``load(encoding_file=...)`` reads the ranks from a local
+    ``.tiktoken`` file (write one where there is a network with ``write_encoding_file``). Any ranks file
+    in that format works, with GPT-2's pattern: end-of-text is then the id after the last rank (50256 for
+    GPT-2's own). In text, ``<|endoftext|>`` is plain text (``encode`` never produces the end-of-text id).
+    """
+
+    kind: ClassVar[str] = "gpt2"
+
+    def __init__(self, encoding: Any, encoding_file: str | None = None, sha256: str | None = None):
+        """``encoding``: a ``tiktoken.Encoding`` with ``<|endoftext|>`` (use ``load``/``from_json``)."""
+        self._enc = encoding
+        self.encoding_file = encoding_file
+        self._sha256 = sha256
+        self.vocab_size: int = encoding.n_vocab
+        self.eot_id: int = encoding.eot_token
+
+    @classmethod
+    def load(cls, encoding_file: str | os.PathLike | None = None) -> Gpt2Tokenizer:
+        """GPT-2's encoding: tiktoken's ``"gpt2"``, or the ranks of ``encoding_file`` (see the class).
+        Raises TokenizerError, one line, for a missing or broken file, or for no network and no cache."""
+        import tiktoken
+
+        if encoding_file is None:
+            try:
+                return cls(tiktoken.get_encoding("gpt2"))
+            except Exception as e:  # requests' connection errors, a blocked download, a bad cache ...
+                reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+                raise TokenizerError(
+                    f"cannot get GPT-2's encoding from tiktoken (no network and no cached copy? {reason}); "
+                    "where there is a network, run `python -c \"from gpt_jax.tokenizer import Gpt2Tokenizer; "
+                    "Gpt2Tokenizer.load().write_encoding_file('gpt2.tiktoken')\"`, put gpt2.tiktoken in the "
+                    "data folder and pass --encoding_file=<data folder>/gpt2.tiktoken") from None
+        path = os.path.abspath(os.fspath(encoding_file))
+        if not os.path.isfile(path):
+            raise TokenizerError(f"the encoding file {path} does not exist; put GPT-2's ranks (a .tiktoken "
+                                 "file, see Gpt2Tokenizer.write_encoding_file) there or pass its path with "
+                                 "--encoding_file=PATH")
+        ranks = read_ranks_file(path)
+        eot_id = len(ranks)
+        n_vocab = eot_id + 1
+        try:
+            encoding = tiktoken.Encoding(
+                os.path.basename(path), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                special_tokens={EOT: eot_id},
+                explicit_n_vocab=n_vocab if n_vocab == GPT2_N_VOCAB else None)
+        except Exception as e:
+            raise TokenizerError(f"{path}: tiktoken cannot build an encoding from it: {str(e)[:160]}") \
+                from None
+        return cls(encoding, encoding_file=path, sha256=_sha256(path))
+
+    def write_encoding_file(self, path: str | os.PathLike) -> None:
+        """Write this encoding's ranks to ``path`` in the ``.tiktoken`` format (for ``load`` offline)."""
+        ranks = sorted(self._enc._mergeable_ranks.items(), key=lambda item: item[1])
+        with open(path, "wb") as f:
+            f.writelines(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks)
+
+    def normalize(self, text: str) -> str:
+        return normalize_text(text)
+
+    def unknown(self, text: str) -> list[str]:
+        return []
+
+    def encode(self, text: str) -> np.ndarray:
+        """``normalize(text)`` -> int32 token ids [N] (``encode_ordinary``: no special tokens)."""
+        return np.asarray(self._enc.encode_ordinary(self.normalize(text)), dtype=np.int32)
+
+    def decode(self, tokens: Any) -> str:
+        """Ids -> text; end-of-text ids render as nothing and bytes that are not UTF-8 as U+FFFD."""
+        ids = _check_ids_in_range(tokens, self.vocab_size)
+        return self._enc.decode_bytes(ids[ids != self.eot_id].tolist()).decode("utf-8", errors="replace")
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"kind": "gpt2", "normalization": "nfc", "encoding_file": self.encoding_file,
+                "n_vocab": self.vocab_size}
+        if self._sha256:
+            data["sha256"] = self._sha256
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Gpt2Tokenizer:
+        """The encoding again (tiktoken's, or the same file: TokenizerError if it is gone or changed)."""
+        _json_kind(data, "gpt2")
+        encoding_file = data.get("encoding_file")
+        if encoding_file is not None and not isinstance(encoding_file, str):
+            raise TokenizerError(f"the GPT-2 description's encoding_file is not a path: "
+                                 f"{encoding_file!r:.80}")
+        tok = cls.load(encoding_file)
+        if data.get("n_vocab", tok.vocab_size) != tok.vocab_size:
+            raise TokenizerError(f"the encoding has {tok.vocab_size} ids but the saved tokenizer had "
+                                 f"{data['n_vocab']}")
+        if data.get("sha256") and tok._sha256 and data["sha256"] != tok._sha256:
+            raise TokenizerError(f"the encoding file {encoding_file} changed since the tokenizer was saved")
+        return tok
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Gpt2Tokenizer) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash((self.encoding_file, self.vocab_size, self._sha256))
+
+    def __reduce__(self):  # worker processes load it again from its description
+        return tokenizer_from_json, (self.to_json(),)
+
+    def __repr__(self) -> str:
+        return f"Gpt2Tokenizer(encoding_file={self.encoding_file!r}, vocab_size={self.vocab_size})"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
