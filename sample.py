@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from gpt_jax import cli
 from gpt_jax.checkpoint import load_checkpoint
@@ -57,6 +58,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--window_keep", type=int, default=None,
                    help="tokens kept when the context window is full; block_size reproduces nanoGPT's "
                         "sliding crop (default: block_size // 2)")
+    p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
+                   help="char models: what to do with prompt characters outside the vocabulary: error "
+                   "(default, naming them), skip them, or replace them (by a space when it is in the "
+                   "vocabulary)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     return p
@@ -103,21 +108,30 @@ def parse_stop(text: str) -> str:
     return stop
 
 
+_UTF8_LONGEST = 4  # bytes of the longest UTF-8 character
+
+
 class StreamPrinter:
     """Prints sample 0 as it is produced, holding back text that may be the start of a stop string."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
-        self.pending, self.printed = "", ""
+        self.pending, self.printed, self.undecoded = "", "", []
 
     def start(self, prompt: str) -> None:
         self.pending = self.printed = ""
+        self.undecoded = []
         self._write(prompt)
 
     def on_token(self, step: int, tokens_B, done_B) -> None:
         if done_B[0]:
             return
-        self.pending += self.tokenizer.decode(tokens_B[:1])
+        self.undecoded.append(int(tokens_B[0]))
+        text = self.tokenizer.decode(self.undecoded)
+        if text.endswith("\ufffd") and len(self.undecoded) < _UTF8_LONGEST:
+            return  # byte and BPE tokens: a character may still be arriving, a byte at a time
+        self.undecoded = []
+        self.pending += text
         hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
                    default=0)
         if any(s in self.pending for s in self.stops):
@@ -161,7 +175,7 @@ def main(argv: list[str]) -> int:
     generator.compile(params)
     compile_s = time.perf_counter() - t0
 
-    session = Session(generator, params, tokenizer, jax.random.PRNGKey(args.seed), printer)
+    session = Session(generator, params, tokenizer, jax.random.PRNGKey(args.seed), printer, args.unknown)
     if args.interactive:
         session.chat()
     else:
@@ -172,18 +186,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def encode_prompt(tokenizer, text: str, unknown: str) -> np.ndarray:
+    """``text`` as token ids; a char vocabulary treats characters it lacks as ``unknown`` says (byte, bpe
+    and gpt2 tokenizers encode any text)."""
+    if tokenizer.kind == "char":
+        return tokenizer.encode(text, unknown=unknown)
+    return tokenizer.encode(text)
+
+
 class Session:
     """Prompts in, completions out, through one compiled generator; counts kept tokens and time."""
 
-    def __init__(self, generator, params, tokenizer, key, printer: StreamPrinter | None):
-        self.generator, self.params, self.tokenizer = generator, params, tokenizer
+    def __init__(self, generator, params, tokenizer, key, printer: StreamPrinter | None,
+                 unknown: str = "error"):
+        self.generator, self.params, self.tokenizer, self.unknown = generator, params, tokenizer, unknown
         self.key, self.printer = key, printer
         self.tokens, self.seconds, self.calls = 0, 0.0, 0
 
     def answer(self, prompt: str, fail: bool) -> None:
         """Print the completion(s) of ``prompt``; a bad prompt raises (``fail``) or is reported."""
         try:
-            tokens = self.tokenizer.encode(prompt)
+            tokens = encode_prompt(self.tokenizer, prompt, self.unknown)
             cropped = self.generator.crop(tokens)
         except GptJaxError as e:
             if fail:
@@ -193,7 +216,7 @@ class Session:
         if cropped.size < tokens.size:
             print(f"note: the prompt has {tokens.size} tokens; keeping its last {cropped.size} "
                   "(block_size)", file=sys.stderr)
-        shown = self.tokenizer.normalize(prompt)  # the text the model was given
+        shown = self.tokenizer.decode(tokens)  # the text the model was given (normalised; --unknown applied)
         if self.printer is not None:
             self.printer.start(shown)
         key, self.calls = jax.random.fold_in(self.key, self.calls), self.calls + 1

@@ -37,10 +37,19 @@ from gpt_jax.model import (
 )
 from gpt_jax.sampling import Generation, Generator, generate, generate_reference, sample_logits
 from gpt_jax.state import TrainState, abstract_state, init_state, lr_schedule, make_optimizer
-from gpt_jax.tokenizer import CharTokenizer, normalize_text
+from gpt_jax.tokenizer import (
+    BpeTokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Gpt2Tokenizer,
+    Tokenizer,
+    normalize_text,
+    tokenizer_from_json,
+)
 from gpt_jax.training import TrainResult, evaluate, make_train_step, read_metrics, setup_data, train
 
 __all__ = [
+    "BpeTokenizer", "ByteTokenizer", "Gpt2Tokenizer", "Tokenizer", "tokenizer_from_json",
     "CharTokenizer", "CheckpointError", "Checkpointer", "Config", "ConfigError", "DataError",
     "Generation", "GenerationTooLargeError", "TextScore", "attention_weights", "read_metrics",
     "score_text", "token_logprobs", "Generator", "GptJaxError", "IncompatibleCheckpointError",

@@ -39,7 +39,7 @@ from gpt_jax.errors import (
     TokenizerError,
 )
 from gpt_jax.runlock import active_holder
-from gpt_jax.tokenizer import CharTokenizer
+from gpt_jax.tokenizer import Tokenizer, tokenizer_from_json
 
 CHECKPOINT_SUBDIR = "checkpoints"
 PRUNED_SUBDIR = "pruned"  # pruned steps are renamed here (atomic for readers), then deleted
@@ -49,7 +49,7 @@ _LISTING_ATTEMPTS = 5  # fresh listings a reader tries while a running training 
 
 # Fields that fix the parameters' shapes or layout: a checkpoint resumes only with the same values.
 MODEL_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pos_encoding",
-                "norm_position", "tie_embeddings", "scan_layers")
+                "norm_position", "tie_embeddings", "scan_layers", "tokenizer")
 # Fields that never matter to a resume (how it was started, where it was written).
 _RUN_FIELDS = ("init_from", "out_dir", "progress")
 
@@ -67,7 +67,7 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return expand(str(out_dir)).resolve() / CHECKPOINT_SUBDIR
 
 
-def make_metadata(cfg: Config, tokenizer: CharTokenizer, metrics: dict[str, Any]) -> dict[str, Any]:
+def make_metadata(cfg: Config, tokenizer: Tokenizer, metrics: dict[str, Any]) -> dict[str, Any]:
     """The JSON saved beside each state: config, tokenizer, metrics at that step, library versions."""
     versions = {}
     for name in _VERSIONED:
@@ -87,39 +87,42 @@ def config_from_metadata(meta: dict[str, Any]) -> Config:
         raise CheckpointError(f"its metadata has no usable config ({' '.join(str(e).split())})") from None
 
 
-def tokenizer_from_metadata(meta: dict[str, Any], cfg: Config) -> CharTokenizer:
-    """The tokenizer stored in a checkpoint, checked against the model it was saved with.
+def tokenizer_from_metadata(meta: dict[str, Any], cfg: Config) -> Tokenizer:
+    """The tokenizer stored in a checkpoint (any kind), checked against the model it was saved with.
 
-    Raises CheckpointError saying what is inconsistent: a vocabulary that is not a list of distinct
-    characters, or one whose size is not the model's ``vocab_size`` (a character dropped or added).
+    Raises CheckpointError saying what is inconsistent: a description that is no tokenizer (for char, a
+    vocabulary that is not a list of distinct characters), or a vocabulary whose size is not the
+    model's ``vocab_size`` (a character dropped or added).
     """
     try:
-        tokenizer = CharTokenizer.from_json(meta["tokenizer"])
+        tokenizer = tokenizer_from_json(meta["tokenizer"])
     except (KeyError, TypeError, AttributeError, TokenizerError) as e:
         raise CheckpointError(f"its vocabulary is unusable ({' '.join(str(e).split())})") from None
     if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"its vocabulary has {tokenizer.vocab_size} characters but the model has "
+        what = "characters" if tokenizer.kind == "char" else "ids"
+        raise CheckpointError(f"its vocabulary has {tokenizer.vocab_size} {what} but the model has "
                               f"vocab_size {cfg.vocab_size}: the vocabulary was edited")
     return tokenizer
 
 
-def resume_changes(meta: dict[str, Any], cfg: Config, tokenizer: CharTokenizer) -> list[str]:
+def resume_changes(meta: dict[str, Any], cfg: Config, tokenizer: Tokenizer) -> list[str]:
     """What resuming the checkpoint ``meta`` with ``cfg`` and ``tokenizer`` changes, as "name old -> new".
 
     Raises CheckpointError if the model would change (a field of MODEL_FIELDS, or the vocabulary: another
     dataset); every other change (``max_iters``, ``learning_rate``, ...) is returned, to be reported.
     """
     saved = config_from_metadata(meta)
-    saved_chars = tokenizer_from_metadata(meta, saved).chars
+    saved_vocabulary = tokenizer_from_metadata(meta, saved).to_json()
     model, other = [], []
     for name in FIELDS:
         old, new = getattr(saved, name), getattr(cfg, name)
         if old != new and name not in _RUN_FIELDS:
             (model if name in MODEL_FIELDS else other).append(f"{name} {old!r} -> {new!r}")
-    if saved_chars != tokenizer.chars and not any(c.startswith("vocab_size") for c in model):
-        model.append("the vocabulary (same size, other characters)")
+    other_vocabulary = saved_vocabulary != tokenizer.to_json()
+    if other_vocabulary and not any(c.startswith(("vocab_size", "tokenizer")) for c in model):
+        model.append("the vocabulary (same size, other tokens)")
     if model:
-        other_data = saved.vocab_size != cfg.vocab_size or saved_chars != tokenizer.chars
+        other_data = saved.vocab_size != cfg.vocab_size or other_vocabulary
         raise IncompatibleCheckpointError(
             f"the model differs{' (another dataset?)' if other_data else ''} ({'; '.join(model)}); keep the "
             "saved values, resume with the same dataset, or start a new --out_dir")
@@ -407,7 +410,7 @@ def _advice(error: BaseException) -> str:
 
 
 def load_checkpoint(out_dir: str | Path, step: int | None = None
-                    ) -> tuple[Any, Config, CharTokenizer, dict[str, Any]]:
+                    ) -> tuple[Any, Config, Tokenizer, dict[str, Any]]:
     """(params, config, tokenizer, metadata) from a training ``out_dir`` — the notebook entry point.
 
     Restores the newest good step (or ``step``), also while a training writes into ``out_dir``;

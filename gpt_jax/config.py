@@ -49,7 +49,8 @@ class Config:
     block_size: int = _field(256, "context length in tokens")
     dropout: float = _field(0.2, "dropout rate while training (0 = none)")
     bias: bool = _field(False, "biases in linear layers and layer norms")
-    vocab_size: int = _field(0, "vocabulary size; 0 takes it from the tokenizer")
+    vocab_size: int = _field(0, "vocabulary size; 0 takes it from the tokenizer (bpe: the size to train, "
+                             "0 = 4096)")
     pos_encoding: str = _field("learned", "learned (GPT-2, the course) or sinusoidal (the paper)")
     norm_position: str = _field("pre", "layer norm before (pre: GPT-2, nanoGPT) or after (post: the course)")
     tie_embeddings: bool = _field(True, "share the token embedding with the output layer (lm_head)")
@@ -64,6 +65,10 @@ class Config:
     data_dir: str = _field("~/.cache/gpt_jax", "where tokenised data is cached")
     source_file: str = _field("", "a local copy of tiny_shakespeare's input.txt (instead of the bundled one)")
     val_fraction: float = _field(0.1, "last fraction of a local corpus used for validation")
+    tokenizer: str = _field("char", "char (the corpus's characters), byte (UTF-8), bpe (trained on the "
+                            "training split) or gpt2")
+    encoding_file: str = _field("", "gpt2 tokenizer: a local tiktoken ranks file, for a machine without "
+                                "network")
     # optimisation
     batch_size: int = _field(64, "sequences per micro-batch over all devices")
     gradient_accumulation_steps: int = _field(1, "micro-batches summed into one update")
@@ -111,6 +116,7 @@ _CHOICES = {
     "model": ("gpt", "bigram"),
     "pos_encoding": ("learned", "sinusoidal"),
     "norm_position": ("pre", "post"),
+    "tokenizer": ("char", "byte", "bpe", "gpt2"),
     "init_from": ("scratch", "resume", "auto"),
     "dtype": ("auto", "float32", "bfloat16"),
     "attention": ("auto", "xla", "cudnn", "pallas"),

@@ -29,24 +29,34 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gpt_jax import token_cache
 from gpt_jax.config import Config, expand
 from gpt_jax.errors import DataError
-from gpt_jax.tokenizer import CharTokenizer, normalize_text
+from gpt_jax.tokenizer import (
+    BpeTokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Gpt2Tokenizer,
+    Tokenizer,
+    normalize_text,
+)
 
 SPLITS = ("train", "val")
 TRAIN_STREAMS = {"train": 0, "val": 1}  # the batches of TokenData.get_batch
 EVAL_STREAMS = {"train": 2, "val": 3}  # the fixed evaluation batches of TokenData.eval_batches
+BPE_VOCAB_SIZE = 4096  # --tokenizer=bpe with vocab_size 0
+_BPE_CHUNK = 1 << 20  # characters of training text handed to the BPE trainer at a time
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenData:
     """A tokenizer and the token ids of each split (read-only, possibly memory-mapped)."""
 
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     train: np.ndarray
     val: np.ndarray
     source: str
@@ -106,8 +116,8 @@ def load_data(cfg: Config) -> TokenData:
     """
     source, identity = _describe_source(cfg)
     key = hashlib.sha256(json.dumps(
-        {"format": token_cache.FORMAT, "source": identity, "tokenizer": "char"}, sort_keys=True
-    ).encode()).hexdigest()[:20]
+        {"format": token_cache.FORMAT, "source": identity, "tokenizer": _tokenizer_identity(cfg)},
+        sort_keys=True).encode()).hexdigest()[:20]
     cache = expand(cfg.data_dir) / "tokens" / key
     files = token_cache.open_or_build(cache, SPLITS, lambda: _build(cfg, source))
     return TokenData(files.tokenizer, files.splits["train"], files.splits["val"], source=files.source)
@@ -144,15 +154,43 @@ def _text_files(path: Path) -> list[Path]:
     return files
 
 
+def _tokenizer_identity(cfg: Config) -> Any:
+    """What makes one tokenizer choice tokenise differently from another (part of the cache key)."""
+    if cfg.tokenizer == "char":
+        return "char"  # the key of caches written before there was a choice
+    if cfg.tokenizer == "bpe":
+        return {"kind": "bpe", "vocab_size": cfg.vocab_size or BPE_VOCAB_SIZE}
+    if cfg.tokenizer == "gpt2" and cfg.encoding_file:
+        path = expand(cfg.encoding_file)
+        stat = path.stat() if path.is_file() else None
+        return {"kind": "gpt2", "file": str(path.resolve()), "size": stat and stat.st_size,
+                "mtime_ns": stat and stat.st_mtime_ns}
+    return {"kind": cfg.tokenizer}
+
+
+def make_tokenizer(cfg: Config, train_text: str, val_text: str) -> Tokenizer:
+    """The tokenizer ``cfg.tokenizer`` names, for a corpus of these splits (normalised text): the
+    characters of both (char), or a BPE trained on the training split only (bpe, ``cfg.vocab_size``
+    ids, 4096 when 0). Raises TokenizerError (gpt2 without its encoding, a BPE size too small)."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer == "bpe":
+        chunks = (train_text[i:i + _BPE_CHUNK] for i in range(0, len(train_text), _BPE_CHUNK))
+        return BpeTokenizer.train(chunks, vocab_size=cfg.vocab_size or BPE_VOCAB_SIZE)
+    if cfg.tokenizer == "gpt2":
+        return Gpt2Tokenizer.load(str(expand(cfg.encoding_file)) if cfg.encoding_file else None)
+    return CharTokenizer.from_text(train_text + val_text)
+
+
 def _build(cfg: Config, source: str) -> token_cache.Built:
     """Read and normalise the source's splits and tokenise them: what the token cache stores."""
     train_text, val_text = _read_splits(cfg, source)
-    tokenizer = CharTokenizer.from_text(train_text + val_text)
+    tokenizer = make_tokenizer(cfg, train_text, val_text)
     return token_cache.Built(tokenizer, {"train": _encoded(tokenizer, train_text),
                                          "val": _encoded(tokenizer, val_text)}, source)
 
 
-def _encoded(tokenizer: CharTokenizer, text: str) -> Iterator[np.ndarray]:
+def _encoded(tokenizer: Tokenizer, text: str) -> Iterator[np.ndarray]:
     yield tokenizer.encode(text)  # lazily: while the cache writes, not before
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_jax.errors import DataError, TokenizerError
-from gpt_jax.tokenizer import CharTokenizer
+from gpt_jax.tokenizer import Tokenizer, tokenizer_from_json
 
 FORMAT = 2  # 1: meta.json without sizes or checksums, text not normalised
 MANIFEST = "manifest.json"
@@ -47,7 +47,7 @@ class Built:
     """What a build function gives: the tokenizer, each split's token ids (int arrays, in one or more
     chunks, produced as they are written) and a readable name of the source."""
 
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     splits: Mapping[str, Iterable[np.ndarray]]
     source: str
 
@@ -56,7 +56,7 @@ class Built:
 class TokenFiles:
     """An opened cache: the tokenizer and each split's ids, read-only and memory-mapped."""
 
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     splits: dict[str, np.ndarray]
     source: str
 
@@ -128,7 +128,7 @@ def _open(cache: Path, splits: tuple[str, ...]) -> TokenFiles:
     return TokenFiles(tokenizer, arrays, source)
 
 
-def _read_manifest(cache: Path, splits: tuple[str, ...]) -> tuple[CharTokenizer, np.dtype, str, dict]:
+def _read_manifest(cache: Path, splits: tuple[str, ...]) -> tuple[Tokenizer, np.dtype, str, dict]:
     try:
         manifest = json.loads((cache / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -138,7 +138,7 @@ def _read_manifest(cache: Path, splits: tuple[str, ...]) -> tuple[CharTokenizer,
     try:
         if manifest["format"] != FORMAT:
             raise _Damaged(f"{MANIFEST} has format {manifest['format']!r}, not {FORMAT}")
-        tokenizer = CharTokenizer.from_json(manifest["tokenizer"])
+        tokenizer = tokenizer_from_json(manifest["tokenizer"])
         dtype = np.dtype(manifest["dtype"])
         records = {name: _Record(**manifest["splits"][name]) for name in splits}
         source = manifest["source"]

@@ -148,7 +148,7 @@ def setup_data(cfg: Config, data: TokenData | None = None) -> tuple[Config, Toke
     """
     data = data if data is not None else load_data(cfg)
     vocab = data.tokenizer.vocab_size
-    if cfg.vocab_size not in (0, vocab):
+    if cfg.vocab_size not in (0, vocab) and data.tokenizer.kind != "bpe":  # bpe: the size it trained for
         raise ConfigError(f"vocab_size {cfg.vocab_size} differs from the tokenizer's {vocab}; "
                           "leave vocab_size at 0")
     cfg = validate(dataclasses.replace(cfg, vocab_size=vocab))

@@ -1,0 +1,113 @@
+"""--tokenizer=char|byte|bpe|gpt2 end to end: a corpus tokenised with each kind trains, checkpoints,
+resumes exactly and samples; the kind is part of the token cache's key and of the checkpoint."""
+
+import base64
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from gpt_jax import generate, load_checkpoint, load_data, make_config, train
+from gpt_jax.errors import IncompatibleCheckpointError
+
+TEXT = """Öğretmen İpek sınıfa girdi: "Günaydın çocuklar!" dedi. Çocuklar ayağa kalktı.
+The teacher smiled, and the children sat down again; outside, the wind moved the trees.
+Şu dağın ardında ılık bir göl var; çoban ağır ağır şarkı söylüyor. Işık, gölün üstünde titriyor.
+"""
+
+
+def write_small_gpt2_encoding(path):
+    """A tiktoken ranks file (base64 token, rank per line): the 256 bytes and a few merges, so the gpt2
+    code path runs without GPT-2's 50,257-token file (which needs a download)."""
+    tokens = [bytes([i]) for i in range(256)] + [b"th", b"he", b"in", b" t", b"er"]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "metin.txt").write_text(TEXT * 30, encoding="utf-8")
+    write_small_gpt2_encoding(folder / "small.tiktoken")
+    return folder
+
+
+def config(kind, corpus, out_dir, **overrides):
+    extra = {"bpe": {"vocab_size": 300}, "gpt2": {"encoding_file": str(corpus / "small.tiktoken")}}
+    values = dict(dataset=str(corpus / "metin.txt"), tokenizer=kind, data_dir=str(corpus / "data"),
+                  out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                  max_iters=10, lr_decay_iters=10, warmup_iters=1, eval_interval=5, eval_iters=1,
+                  log_interval=5, progress=False, dropout=0.0, always_save_checkpoint=True)
+    return make_config(**{**values, **extra.get(kind, {}), **overrides})
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe", "gpt2"])
+def test_each_tokenizer_trains_resumes_exactly_and_samples(kind, corpus, tmp_path):
+    straight = train(config(kind, corpus, tmp_path / "straight"))
+    train(config(kind, corpus, tmp_path / "halves", max_iters=5))
+    resumed = train(config(kind, corpus, tmp_path / "halves", init_from="resume"))
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    params, cfg, tok, meta = load_checkpoint(tmp_path / "halves")
+    assert tok.kind == kind == cfg.tokenizer == meta["tokenizer"]["kind"]
+    assert cfg.vocab_size == tok.vocab_size and tok.eot_id is not None
+    assert tok.decode(tok.encode("Öğretmen İpek, ışık!")) == "Öğretmen İpek, ışık!"
+    out = generate(params, cfg, tok.encode("Öğretmen"), jax.random.PRNGKey(0), max_new_tokens=24)
+    assert out.tokens[0].shape == (24,) and isinstance(tok.decode(out.tokens[0]), str)
+
+
+def test_the_tokenizer_is_part_of_the_cache_key_and_of_the_model(corpus, tmp_path):
+    char, byte = (load_data(config(kind, corpus, tmp_path)) for kind in ("char", "byte"))
+    assert char.tokenizer.kind == "char" and byte.tokenizer.kind == "byte"
+    assert len(byte.train) > len(char.train)  # Turkish letters are two UTF-8 bytes
+    train(config("char", corpus, tmp_path / "run", max_iters=5))
+    with pytest.raises(IncompatibleCheckpointError, match="tokenizer 'char' -> 'byte'"):
+        train(config("byte", corpus, tmp_path / "run", init_from="resume"))
+
+
+def test_sample_cli_streams_multibyte_characters_whole_and_skips_unknown_characters(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(config("byte", corpus, out, max_iters=20, lr_decay_iters=20, learning_rate=1e-2))
+    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}", "--start=Öğ",
+                           "--max_new_tokens=40", "--stream", "--seed=3"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Öğ")
+
+    train(config("char", corpus, tmp_path / "char", max_iters=5))
+    for unknown, expected in (("skip", "Öğretmen"), ("replace", "Öğretmen ")):
+        done = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path / 'char'}",
+                               "--start=Öğretmen€", "--max_new_tokens=5", f"--unknown={unknown}"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(expected)
+        assert done.stdout[len(expected):len(expected) + 1] != "€"
+
+
+def test_streamed_bytes_print_whole_characters():
+    sample = pytest.importorskip("conftest").load_script("sample.py")
+    from gpt_jax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    printer = sample.StreamPrinter(tok, stops=[])
+    written = []
+    printer._write = written.append
+    for byte in "ğİ a".encode():
+        printer.on_token(0, np.array([byte]), np.array([False]))
+    assert "".join(written) == "ğİ a" and "\ufffd" not in "".join(written)
+
+
+def test_a_char_corpus_keeps_its_cache_key(corpus):
+    """Caches written before the tokenizer choice existed stay valid: char keeps the old key."""
+    from gpt_jax.data import _tokenizer_identity
+
+    assert _tokenizer_identity(config("char", corpus, corpus)) == "char"
+    bpe = config("bpe", corpus, corpus)
+    assert _tokenizer_identity(dataclasses.replace(bpe, vocab_size=0)) == {"kind": "bpe", "vocab_size": 4096}
+    assert _tokenizer_identity(bpe) == {"kind": "bpe", "vocab_size": 300}
