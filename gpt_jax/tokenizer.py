@@ -106,6 +106,8 @@ class Tokenizer(Protocol):
 
     def to_json(self) -> dict[str, Any]: ...
 
+    def token_bytes(self) -> np.ndarray: ...
+
 
 def tokenizer_from_json(data: dict[str, Any]) -> Tokenizer:
     """The tokenizer a ``to_json`` described, of any kind. A description without ``kind`` is a character
@@ -231,6 +233,10 @@ class CharTokenizer:
             raise TokenizerError(f"token ids must be in [0, {len(chars)}), got {ids.min()}..{ids.max()}")
         return "".join(chars[i] for i in ids.tolist())
 
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 bytes each id stands for: int32 [vocab_size] (for bits per byte)."""
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars], dtype=np.int32)
+
     def to_json(self) -> dict[str, Any]:
         data = {"kind": "char", "chars": self.chars}
         if self.normalization:
@@ -290,6 +296,10 @@ class ByteTokenizer:
         """Ids -> text; end-of-text ids render as nothing and bytes that are not UTF-8 as U+FFFD."""
         ids = _check_ids_in_range(tokens, self.vocab_size)
         return ids[ids != self.eot_id].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 bytes each id stands for: int32 [257], 1 per byte and 0 for end-of-text."""
+        return np.array([1] * 256 + [0], dtype=np.int32)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "byte", "normalization": "nfc"}
@@ -371,6 +381,12 @@ class BpeTokenizer:
         """Ids -> text; end-of-text ids render as nothing and bytes that are not UTF-8 as U+FFFD."""
         ids = _check_ids_in_range(tokens, self.vocab_size)
         return self._tok.decode(ids.tolist(), skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 bytes each id stands for: int32 [vocab_size], 0 for end-of-text. A byte-level
+        token is written with one character per byte (GPT-2's byte-to-unicode alphabet)."""
+        return np.array([0 if i == self.eot_id else len(self._tok.id_to_token(i))
+                         for i in range(self.vocab_size)], dtype=np.int32)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "bpe", "normalization": "nfc", "tokenizer": self._tok.to_str()}
@@ -516,6 +532,11 @@ class Gpt2Tokenizer:
         """Ids -> text; end-of-text ids render as nothing and bytes that are not UTF-8 as U+FFFD."""
         ids = _check_ids_in_range(tokens, self.vocab_size)
         return self._enc.decode_bytes(ids[ids != self.eot_id].tolist()).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 bytes each id stands for: int32 [vocab_size], 0 for end-of-text."""
+        return np.array([0 if i == self.eot_id else len(self._enc.decode_single_token_bytes(i))
+                         for i in range(self.vocab_size)], dtype=np.int32)
 
     def to_json(self) -> dict[str, Any]:
         data = {"kind": "gpt2", "normalization": "nfc", "encoding_file": self.encoding_file,

@@ -129,6 +129,15 @@ def _eval_batches(data: TokenData, cfg: Config) -> dict[str, tuple[np.ndarray, n
             for split in ("train", "val")}
 
 
+def bytes_per_token(tokenizer: Any, targets: np.ndarray) -> float:
+    """The mean UTF-8 bytes of the text that ``targets`` (token ids, any shape) stand for.
+
+    With it a loss in nats per token becomes bits per byte, loss / (ln 2 * bytes_per_token), a figure
+    that compares runs with different tokenizers (nanoGPT's char and GPT-2 runs, say).
+    """
+    return float(tokenizer.token_bytes()[np.asarray(targets)].mean()) if np.size(targets) else 0.0
+
+
 @dataclasses.dataclass
 class TrainResult:
     state: TrainState
@@ -320,7 +329,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (``path``, or an out_dir holding one), in order.
 
     Each record is one JSON object: log lines hold ``step``, ``batch_loss``, ``lr``,
-    ``tokens_per_sec``, ``elapsed_s``; evaluation lines add ``train_loss`` and ``val_loss`` (nats).
+    ``tokens_per_sec``, ``elapsed_s``; evaluation lines add ``train_loss`` and ``val_loss`` (nats) and
+    ``val_bpb`` (the validation loss in bits per UTF-8 byte, comparable across tokenizers).
     Damaged lines (a crash while writing) are dropped with one warning. Raises CheckpointError when the
     file cannot be read or no line of it is a JSON object.
     """
@@ -423,8 +433,10 @@ class _Loop:
         self.accum = cfg.gradient_accumulation_steps
         self.batch_sh = sharding.batch_sharding(mesh, leading=int(self.accum > 1))
         eval_sh = sharding.batch_sharding(mesh, leading=1)
+        eval_batches = _eval_batches(data, cfg)
+        self.val_bytes_per_token = bytes_per_token(data.tokenizer, eval_batches["val"][1])
         self.eval_data = {split: tuple(sharding.put_global(a, eval_sh) for a in xy)
-                          for split, xy in _eval_batches(data, cfg).items()}
+                          for split, xy in eval_batches.items()}
         self.tokens_per_step = self.accum * cfg.batch_size * cfg.block_size
         self.start = time.perf_counter() - metrics.elapsed_before
 
@@ -516,6 +528,8 @@ class _Loop:
         record = record or {"step": step, "lr": float(lr_schedule(self.cfg)(step))}  # before any update
         record = {**record, "train_loss": losses["train"], "val_loss": losses["val"],
                   "elapsed_s": time.perf_counter() - self.start}
+        if self.val_bytes_per_token > 0:  # comparable across tokenizers
+            record["val_bpb"] = losses["val"] / (math.log(2) * self.val_bytes_per_token)
         improved = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
         self.log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

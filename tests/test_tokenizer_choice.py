@@ -111,3 +111,26 @@ def test_a_char_corpus_keeps_its_cache_key(corpus):
     bpe = config("bpe", corpus, corpus)
     assert _tokenizer_identity(dataclasses.replace(bpe, vocab_size=0)) == {"kind": "bpe", "vocab_size": 4096}
     assert _tokenizer_identity(bpe) == {"kind": "bpe", "vocab_size": 300}
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "gpt2"])
+def test_token_bytes_add_up_to_the_texts_utf8_bytes(kind, corpus):
+    tok = load_data(config(kind, corpus, corpus)).tokenizer
+    text = "Öğretmen İpek: ışık, the wind.\n"
+    assert tok.token_bytes().shape == (tok.vocab_size,)
+    assert tok.token_bytes()[tok.encode(text)].sum() == len(text.encode())
+
+
+def test_every_evaluation_logs_the_validation_loss_in_bits_per_byte(corpus, tmp_path):
+    import math
+
+    cfg = config("char", corpus, tmp_path / "run", max_iters=5)
+    result = train(cfg)
+    data = load_data(cfg)
+    ys = data.eval_batches("val", cfg.seed, cfg.batch_size, cfg.block_size, cfg.eval_iters)[1]
+    bytes_per_token = len(data.tokenizer.decode(ys.reshape(-1)).encode()) / ys.size  # by hand
+    assert bytes_per_token > 1  # Turkish letters: a char is not a byte
+    evaluations = [r for r in result.history if "val_loss" in r]
+    assert len(evaluations) == 2
+    for r in evaluations:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / (math.log(2) * bytes_per_token), rel=1e-6)
