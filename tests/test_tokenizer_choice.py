@@ -3,14 +3,11 @@ resumes exactly and samples; the kind is part of the token cache's key and of th
 
 import base64
 import dataclasses
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
 from gpt_jax import generate, load_checkpoint, load_data, make_config, train
 from gpt_jax.errors import IncompatibleCheckpointError
 
@@ -47,12 +44,14 @@ def config(kind, corpus, out_dir, **overrides):
 
 @pytest.mark.parametrize("kind", ["byte", "bpe", "gpt2"])
 def test_each_tokenizer_trains_resumes_exactly_and_samples(kind, corpus, tmp_path):
-    straight = train(config(kind, corpus, tmp_path / "straight"))
     train(config(kind, corpus, tmp_path / "halves", max_iters=5))
     resumed = train(config(kind, corpus, tmp_path / "halves", init_from="resume"))
-    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state),
-                    strict=True):
-        np.testing.assert_array_equal(a, b)
+    if kind == "bpe":  # resuming is tokenizer-agnostic past the token files: one bitwise check suffices
+        straight = train(config(kind, corpus, tmp_path / "straight"))
+        for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert int(resumed.state.step) == 10
 
     params, cfg, tok, meta = load_checkpoint(tmp_path / "halves")
     assert tok.kind == kind == cfg.tokenizer == meta["tokenizer"]["kind"]
@@ -71,23 +70,23 @@ def test_the_tokenizer_is_part_of_the_cache_key_and_of_the_model(corpus, tmp_pat
         train(config("byte", corpus, tmp_path / "run", init_from="resume"))
 
 
-def test_sample_cli_streams_multibyte_characters_whole_and_skips_unknown_characters(corpus, tmp_path):
+def test_sample_cli_streams_multibyte_characters_whole_and_skips_unknown_characters(corpus, tmp_path, capsys):
+    from conftest import load_script
+
+    sample = load_script("sample.py")
     out = tmp_path / "run"
     train(config("byte", corpus, out, max_iters=20, lr_decay_iters=20, learning_rate=1e-2))
-    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}", "--start=Öğ",
-                           "--max_new_tokens=40", "--stream", "--seed=3"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("Öğ")
+    capsys.readouterr()
+    assert sample.main([f"--out_dir={out}", "--start=Öğ", "--max_new_tokens=40", "--stream", "--seed=3"]) == 0
+    assert capsys.readouterr().out.startswith("Öğ")
 
     train(config("char", corpus, tmp_path / "char", max_iters=5))
     for unknown, expected in (("skip", "Öğretmen"), ("replace", "Öğretmen ")):
-        done = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path / 'char'}",
-                               "--start=Öğretmen€", "--max_new_tokens=5", f"--unknown={unknown}"],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith(expected)
-        assert done.stdout[len(expected):len(expected) + 1] != "€"
+        capsys.readouterr()
+        assert sample.main([f"--out_dir={tmp_path / 'char'}", "--start=Öğretmen€", "--max_new_tokens=5",
+                            f"--unknown={unknown}"]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith(expected) and printed[len(expected):len(expected) + 1] != "€"
 
 
 def test_streamed_bytes_print_whole_characters():
