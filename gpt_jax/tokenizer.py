@@ -44,14 +44,17 @@ _UNNAMED = {"Cc": "CONTROL CHARACTER", "Co": "PRIVATE USE CHARACTER", "Cs": "SUR
             "Cn": "UNASSIGNED CHARACTER"}
 
 
-def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> np.ndarray:
-    """``ids`` as int32 if they are integer token ids in [0, vocab_size); else ConfigError naming
-    ``what`` (a model would read an id outside the vocabulary as a zero, NaN or wrapped-around row)."""
-    if ids.dtype.kind not in "iu":
-        raise ConfigError(f"{what} must hold integer token ids (encode text with the tokenizer), got "
-                          f"{ids.dtype}")
+def check_ids(ids: np.ndarray, vocab_size: int, what: str | None = None,
+              error: type[Exception] = ConfigError) -> np.ndarray:
+    """``ids`` as int32 if they are integer token ids in [0, vocab_size); else ``error`` (ConfigError
+    unless given), naming ``what`` when given (a model would read an id outside the vocabulary as a
+    zero, NaN or wrapped-around row; a tokenizer cannot decode it)."""
+    if ids.size and ids.dtype.kind not in "iu":
+        raise error(f"{what} must hold integer token ids (encode text with the tokenizer), got {ids.dtype}"
+                    if what else f"token ids must be integers, got {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ConfigError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()} in {what}")
+        raise error(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}"
+                    + (f" in {what}" if what else ""))
     return ids.astype(np.int32)
 
 
@@ -128,13 +131,8 @@ def tokenizer_from_json(data: dict[str, Any]) -> Tokenizer:
 
 
 def _check_ids_in_range(tokens: Any, vocab_size: int) -> np.ndarray:
-    """``tokens`` as a flat int64 array; TokenizerError for ids that are not integers in [0, vocab_size)."""
-    ids = np.asarray(tokens).reshape(-1)
-    if ids.size and ids.dtype.kind not in "iu":
-        raise TokenizerError(f"token ids must be integers, got {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise TokenizerError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
-    return ids.astype(np.int64)
+    """``tokens`` as a flat int32 array; TokenizerError for ids that are not integers in [0, vocab_size)."""
+    return check_ids(np.asarray(tokens).reshape(-1), vocab_size, error=TokenizerError)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -228,10 +226,7 @@ class CharTokenizer:
     def decode(self, tokens: Any) -> str:
         """Token ids (any int sequence or array) -> text."""
         chars = self.chars
-        ids = np.asarray(tokens).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= len(chars)):
-            raise TokenizerError(f"token ids must be in [0, {len(chars)}), got {ids.min()}..{ids.max()}")
-        return "".join(chars[i] for i in ids.tolist())
+        return "".join(chars[i] for i in _check_ids_in_range(tokens, len(chars)).tolist())
 
     def token_bytes(self) -> np.ndarray:
         """The UTF-8 bytes each id stands for: int32 [vocab_size] (for bits per byte)."""
