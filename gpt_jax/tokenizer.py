@@ -93,6 +93,8 @@ class Tokenizer(Protocol):
     TokenizerError for an id outside the vocabulary, renders end-of-text as nothing and never fails on
     bytes that are not valid UTF-8 (they become U+FFFD). ``unknown`` lists the characters ``encode``
     cannot take (always empty but for ``char``). ``to_json`` is JSON-safe and names the ``kind``.
+    ``token_bytes`` gives the UTF-8 bytes each id stands for, int32 [vocab_size] (0 for end-of-text),
+    which turns a loss per token into bits per byte.
     """
 
     kind: str
