@@ -9,35 +9,12 @@ saves a checkpoint, a second exits at once); 2 a problem with the input, said in
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from gpt_jax import cli
-from gpt_jax.config import FIELDS, Config, coerce, default_preset, make_config, parse_overrides, read_preset
+from gpt_jax.config import default_preset, make_config
 
-
-def build_parser(shown: str | None = None) -> argparse.ArgumentParser:
-    """The command line; ``--help`` shows each key's description and the value the preset ``shown``
-    gives it (Config's defaults without one)."""
-    values = {**Config().to_dict(), **(read_preset(shown) if shown else {})}
-    parser = cli.ArgumentParser(
-        prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
-        description="Train a character-level bigram or GPT model. Options override the config file; "
-                    f"the values in brackets are those of {shown or 'the defaults'}.",
-    )
-    parser.add_argument("config", nargs="?", help="a preset name or file, e.g. configs/shakespeare_char.py "
-                        "(default: shakespeare_char on an accelerator, shakespeare_char_cpu otherwise)")
-    for name, field in FIELDS.items():
-        kind = field.type if isinstance(field.type, str) else field.type.__name__
-        extra = {"nargs": "?", "const": "True"} if kind == "bool" else {}
-        parser.add_argument(f"--{name}", metavar=kind.upper(), type=lambda s, n=name: coerce(n, s),
-                            help=f"{field.metadata['help']} [{values[name]!r}]", **extra)
-    return parser
-
-
-def _preset_argument(argv: list[str]) -> str | None:
-    """The config file named on the command line, if any: the first argument not starting with -."""
-    return next((a for a in argv if not a.startswith("-")), None)
+_DESCRIPTION = "Train a character-level bigram or GPT model."
 
 
 def main(argv: list[str]) -> int:
@@ -45,12 +22,7 @@ def main(argv: list[str]) -> int:
     # would also log it, with tracebacks, on the way out.
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    if any(a in ("-h", "--help") for a in argv):  # values of the preset that would run
-        build_parser(_preset_argument(argv) or default_preset()).parse_args(["--help"])
-    parsed, unknown = build_parser().parse_known_args(argv)
-    parse_overrides(unknown)  # raises a ConfigError that names the unknown key
-    args = vars(parsed)
-    preset = args.pop("config", None)
+    preset, args = cli.parse_config_args("train.py", _DESCRIPTION, argv, default_preset)
     cfg = make_config(preset, **args) if preset else None
     # The multi-process runtime must start before anything touches a JAX backend.
     from gpt_jax.sharding import initialize_distributed, is_primary

@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 from gpt_jax.errors import ConfigError, GptJaxError
 
@@ -19,6 +20,46 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise ConfigError(f"{message}; see {self.prog} --help")
+
+
+def config_parser(prog: str, description: str, shown: str | None = None, default: str = "") -> ArgumentParser:
+    """A command line of every Config key (``--key=value``) after an optional preset; ``--help`` shows
+    each key's description and the value the preset ``shown`` gives it (Config's defaults without one);
+    ``default`` says which preset runs when none is named."""
+    from gpt_jax.config import FIELDS, Config, coerce, read_preset
+
+    values = {**Config().to_dict(), **(read_preset(shown) if shown else {})}
+    parser = ArgumentParser(
+        prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        description=f"{description} Options override the config file; the values in brackets are those "
+                    f"of {shown or 'the defaults'}.",
+    )
+    parser.add_argument("config", nargs="?", help="a preset name or file, e.g. configs/shakespeare_char.py"
+                        + (f" (default: {default})" if default else ""))
+    for name, field in FIELDS.items():
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        extra = {"nargs": "?", "const": "True"} if kind == "bool" else {}
+        parser.add_argument(f"--{name}", metavar=kind.upper(), type=lambda s, n=name: coerce(n, s),
+                            help=f"{field.metadata['help']} [{values[name]!r}]", **extra)
+    return parser
+
+
+def parse_config_args(prog: str, description: str, argv: list[str],
+                      default_preset: Callable[[], str] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """(preset or None, {key: value}) from ``[CONFIG] --key=value ...``; ``--help`` prints the keys with
+    the values of the preset that would run (``default_preset()`` when none is named) and exits. Raises
+    ConfigError naming an unknown key."""
+    from gpt_jax.config import parse_overrides
+
+    if any(a in ("-h", "--help") for a in argv):
+        named = next((a for a in argv if not a.startswith("-")), None)
+        shown = named or (default_preset() if default_preset else None)
+        default = "shakespeare_char on an accelerator, else shakespeare_char_cpu" if default_preset else ""
+        config_parser(prog, description, shown, default).parse_args(["--help"])
+    parsed, unknown = config_parser(prog, description).parse_known_args(argv)
+    parse_overrides(unknown)  # raises a ConfigError that names the unknown key
+    args = vars(parsed)
+    return args.pop("config", None), args
 
 
 def _quiet_exit(code: int) -> None:

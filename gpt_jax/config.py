@@ -61,14 +61,19 @@ class Config:
     remat: bool = _field(False, "recompute each block's activations in the backward pass (less memory)")
     scan_layers: bool = _field(False, "one lax.scan over stacked layers (faster compiles of deep models)")
     # data
-    dataset: str = _field("tiny_shakespeare", "tiny_shakespeare, or a path to a UTF-8 .txt file or folder")
+    dataset: str = _field("tiny_shakespeare", "tiny_shakespeare; a text file, folder, .jsonl or archive "
+                          "(.txt, .jsonl, .tar, plain or .gz / .xz); or tfds:NAME[/CONFIG][:FEATURE]")
     data_dir: str = _field("~/.cache/gpt_jax", "where tokenised data is cached")
     source_file: str = _field("", "a local copy of tiny_shakespeare's input.txt (instead of the bundled one)")
-    val_fraction: float = _field(0.1, "last fraction of a local corpus used for validation")
+    val_fraction: float = _field(0.1, "validation share: the last part of one text, else of the documents")
     tokenizer: str = _field("char", "char (the corpus's characters), byte (UTF-8), bpe (trained on the "
                             "training split) or gpt2")
     encoding_file: str = _field("", "gpt2 tokenizer: a local tiktoken ranks file, for a machine without "
                                 "network")
+    text_field: str = _field("text", "the field of a .jsonl line (or tfds example) that holds the text")
+    errors: str = _field("strict", "documents that are not UTF-8 (or JSONL lines without the text): strict "
+                         "(stop, naming them) or skip (skip and count them)")
+    num_proc: int = _field(0, "worker processes that tokenise a corpus; 0 = one per core")
     # optimisation
     batch_size: int = _field(64, "sequences per micro-batch over all devices")
     gradient_accumulation_steps: int = _field(1, "micro-batches summed into one update")
@@ -117,6 +122,7 @@ _CHOICES = {
     "pos_encoding": ("learned", "sinusoidal"),
     "norm_position": ("pre", "post"),
     "tokenizer": ("char", "byte", "bpe", "gpt2"),
+    "errors": ("strict", "skip"),
     "init_from": ("scratch", "resume", "auto"),
     "dtype": ("auto", "float32", "bfloat16"),
     "attention": ("auto", "xla", "cudnn", "pallas"),
@@ -124,7 +130,7 @@ _CHOICES = {
 _POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
              "eval_interval", "eval_iters", "log_interval", "keep_checkpoints",
              "gradient_accumulation_steps")
-_NON_NEGATIVE = ("vocab_size", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
+_NON_NEGATIVE = ("vocab_size", "num_proc", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
                  "weight_decay", "grad_clip")
 
 
@@ -229,7 +235,10 @@ def validate(cfg: Config) -> Config:
     if cfg.min_lr > cfg.learning_rate:
         raise ConfigError(f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate})")
     if not cfg.dataset:
-        raise ConfigError("dataset is empty; give tiny_shakespeare or a path to a .txt file or folder")
+        raise ConfigError("dataset is empty; give tiny_shakespeare, a path to a text file or folder, or "
+                          "tfds:NAME")
+    if not cfg.text_field:
+        raise ConfigError("text_field is empty; give the name of the field that holds the text")
     return cfg
 
 

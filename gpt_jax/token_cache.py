@@ -1,11 +1,13 @@
 """Token files on disk: written once with a manifest, checked at every open, rebuilt when damaged.
 
 A cache folder ``<parent>/<key>/`` holds one ``<split>.bin`` per split (the token ids, flat, in the
-manifest's dtype) and ``manifest.json``: the format, tokenizer, dtype, source and, per split, its
-token count, byte size, sha256, a sampled digest and the file's mtime when written. Opening checks
-every size exactly and the sampled digest (cheap: 64 spread-out 4 KiB chunks); a file whose mtime
-changed since was written again, so its full sha256 is checked too, and its ids against the vocabulary.
-A folder that does not check out (no manifest included) is named in one warning and rebuilt.
+manifest's dtype) and ``manifest.json``: the format, tokenizer, dtype, source, the sources it was made
+from (``describe_sources``), what the build noted, and per split its token count, byte size, sha256,
+a sampled digest and the file's mtime when written. Opening checks every size exactly and the sampled
+digest (cheap: 64 spread-out 4 KiB chunks); a file whose mtime changed since was written again, so its
+full sha256 is checked too, and its ids against the vocabulary. A folder that does not check out (no
+manifest included), or that was made from sources that changed since, is named in one warning and
+rebuilt.
 
 Writers never meet: building a key holds ``<parent>/.<key>.lock`` (flock), and after taking it looks
 again, since another process may have built the cache meanwhile. Files are written into a fresh
@@ -26,30 +28,22 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gpt_jax.errors import DataError, TokenizerError
 from gpt_jax.tokenizer import Tokenizer, tokenizer_from_json
 
-FORMAT = 2  # 1: meta.json without sizes or checksums, text not normalised
+FORMAT = 3  # 2: no sources in the manifest; 1: meta.json without sizes or checksums
 MANIFEST = "manifest.json"
 _WRITER_LOCK = "writer.lock"
 _TMP_PREFIX = ".tmp-"
 _SAMPLES, _SAMPLE_BYTES = 64, 4096
 _READ_BYTES = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Built:
-    """What a build function gives: the tokenizer, each split's token ids (int arrays, in one or more
-    chunks, produced as they are written) and a readable name of the source."""
-
-    tokenizer: Tokenizer
-    splits: Mapping[str, Iterable[np.ndarray]]
-    source: str
+_LISTED_FILES = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,33 +58,52 @@ class TokenFiles:
 class _Damaged(Exception):
     """A cache folder that does not check out; the message says which file and what is wrong."""
 
+    def rebuilding(self, cache: Path) -> str:
+        return f"the token cache {cache} is damaged ({self}); rebuilding it"
 
-def open_or_build(cache: Path, splits: tuple[str, ...], build: Callable[[], Built]) -> TokenFiles:
-    """The token files in ``cache``, built with ``build()`` first when missing or damaged.
 
-    A damaged cache is named in one warning (UserWarning) and rebuilt. Raises DataError, one line, when
-    the cache cannot be written (a read-only, unwritable or missing parent folder, or one under a file).
+class _OutOfDate(_Damaged):
+    """A sound cache folder made from sources that have changed since."""
+
+    def rebuilding(self, cache: Path) -> str:
+        return f"the source changed since {cache} was prepared ({self}); preparing it again"
+
+
+def open_or_build(cache: Path, splits: tuple[str, ...], build: Callable[[Writer], None],
+                  sources: dict[str, Any] | None = None) -> TokenFiles:
+    """The token files in ``cache``, built with ``build(writer)`` first when missing, damaged or out of
+    date.
+
+    ``sources`` describes what the files are made from (``describe_sources``); a cache whose manifest
+    describes other sources is out of date. ``build`` gets a ``Writer``: it calls ``start`` once with
+    the tokenizer, then ``append`` any number of times, in order, per split; a build that raises leaves
+    nothing behind. A damaged or out-of-date cache is named in one warning (UserWarning) and rebuilt.
+    Raises DataError, one line, when the cache cannot be written (a read-only, unwritable or missing
+    parent folder, or one under a file).
     """
     remove_dead_writers(cache.parent)
     try:
-        return _open(cache, splits)
+        return _open(cache, splits, sources)
     except _Damaged as e:
-        problem = str(e) if os.path.lexists(cache) else ""
-    with _build_lock(cache, problem):
+        problem = e if os.path.lexists(cache) else None
+    with _build_lock(cache, str(problem or "")):
         try:
-            return _open(cache, splits)  # built by another process while we waited for the lock
+            return _open(cache, splits, sources)  # built by another process while we waited for the lock
         except _Damaged as e:
-            problem = str(e) if os.path.lexists(cache) else ""
-        with _tmp_folder(cache, problem) as tmp:
+            problem = e if os.path.lexists(cache) else None
+        with _tmp_folder(cache, str(problem or "")) as tmp:
             if problem:
-                warnings.warn(f"the token cache {cache} is damaged ({problem}); rebuilding it", stacklevel=2)
-            built = build()
+                warnings.warn(problem.rebuilding(cache), stacklevel=2)
+            writer = Writer(tmp, splits, sources)
             try:
-                _write(tmp, built)
+                build(writer)
+                writer.finish()
                 _publish(tmp, cache)
             except OSError as e:
-                raise _unwritable(cache, e, problem) from None
-    return _open(cache, splits)
+                raise _unwritable(cache, e, str(problem or "")) from None
+            finally:
+                writer.close()
+    return _open(cache, splits, sources)
 
 
 def remove_dead_writers(parent: Path) -> None:
@@ -121,14 +134,16 @@ def remove_dead_writers(parent: Path) -> None:
 # --- reading --------------------------------------------------------------------------------------
 
 
-def _open(cache: Path, splits: tuple[str, ...]) -> TokenFiles:
-    tokenizer, dtype, source, records = _read_manifest(cache, splits)
+def _open(cache: Path, splits: tuple[str, ...], sources: dict[str, Any] | None) -> TokenFiles:
+    tokenizer, dtype, source, records, manifest = _read_manifest(cache, splits)
+    if sources is not None and manifest.get("sources", {}).get("digest") != sources["digest"]:
+        raise _OutOfDate(_what_changed(manifest.get("sources", {}), sources))
     arrays = {name: _open_split(cache / f"{name}.bin", records[name], dtype, tokenizer.vocab_size)
               for name in splits}
     return TokenFiles(tokenizer, arrays, source)
 
 
-def _read_manifest(cache: Path, splits: tuple[str, ...]) -> tuple[Tokenizer, np.dtype, str, dict]:
+def _read_manifest(cache: Path, splits: tuple[str, ...]) -> tuple[Tokenizer, np.dtype, str, dict, dict]:
     try:
         manifest = json.loads((cache / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -150,7 +165,7 @@ def _read_manifest(cache: Path, splits: tuple[str, ...]) -> tuple[Tokenizer, np.
         if not r.is_consistent(dtype):
             raise _Damaged(f"{MANIFEST} is inconsistent: {name} has {r.tokens!r} tokens of {dtype} in "
                            f"{r.bytes!r} bytes")
-    return tokenizer, dtype, str(source), records
+    return tokenizer, dtype, str(source), records, manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,30 +302,97 @@ def _unwritable(cache: Path, error: OSError, problem: str) -> DataError:
     return DataError(f"{what}: {error.strerror}; {fix} --data_dir a folder you can write to")
 
 
-def _write(tmp: Path, built: Built) -> None:
-    """The split files and, last, the manifest, into ``tmp``; ids are checked against the vocabulary."""
-    vocab_size = built.tokenizer.vocab_size
-    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-    records = {name: _write_split(tmp / f"{name}.bin", chunks, dtype, vocab_size)
-               for name, chunks in built.splits.items()}
-    manifest = {"format": FORMAT, "tokenizer": built.tokenizer.to_json(), "dtype": dtype.name,
-                "source": built.source, "splits": {n: dataclasses.asdict(r) for n, r in records.items()}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+class Writer:
+    """The split files of a cache being built: ids appended in order, the manifest written last.
+
+    ``scratch`` is a folder for the build's own temporary files (removed before the cache is
+    published); ``info`` is a JSON-able dict the build may fill, kept in the manifest as ``prepared``.
+    """
+
+    def __init__(self, folder: Path, splits: tuple[str, ...], sources: dict[str, Any] | None):
+        self.scratch = folder / "scratch"
+        self.info: dict[str, Any] = {}
+        self._folder, self._splits, self._sources = folder, splits, sources
+        self._files: dict[str, Any] = {}
+        self._sha256 = {name: hashlib.sha256() for name in splits}
+        self._tokens = dict.fromkeys(splits, 0)
+        self.tokenizer: Tokenizer | None = None
+
+    def start(self, tokenizer: Tokenizer, source: str) -> np.dtype:
+        """Open the split files for ``tokenizer``'s ids; the dtype they are stored in (uint16 when the
+        vocabulary fits, else uint32)."""
+        self.tokenizer, self._source = tokenizer, source
+        self.dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+        for name in self._splits:
+            self._files[name] = open(self._folder / f"{name}.bin", "wb")  # noqa: SIM115 (closed in close)
+        return self.dtype
+
+    def append(self, split: str, ids: np.ndarray) -> None:
+        """Append token ids (any integer array) to a split. ValueError for ids outside the vocabulary."""
+        vocab_size = self.tokenizer.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"token ids {ids.min()}..{ids.max()} outside a vocabulary of {vocab_size}")
+        data = np.ascontiguousarray(ids, dtype=self.dtype).data
+        self._files[split].write(data)
+        self._sha256[split].update(data)
+        self._tokens[split] += ids.size
+
+    def append_file(self, split: str, path: Path) -> None:
+        """Append a file of ids in ``dtype`` (a worker's output), read in bounded chunks."""
+        with open(path, "rb") as f:
+            while chunk := f.read(_READ_BYTES):  # a multiple of the itemsize
+                self.append(split, np.frombuffer(chunk, self.dtype))
+
+    def finish(self) -> None:
+        """Close the split files and write the manifest."""
+        if self.tokenizer is None:
+            raise RuntimeError("the build never called Writer.start")
+        self.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        records = {}
+        for name in self._splits:
+            path = self._folder / f"{name}.bin"
+            stat = os.stat(path)
+            records[name] = _Record(tokens=self._tokens[name], bytes=stat.st_size,
+                                    sha256=self._sha256[name].hexdigest(),
+                                    sampled=_sampled_digest(path, stat.st_size), mtime_ns=stat.st_mtime_ns)
+        manifest = {"format": FORMAT, "tokenizer": self.tokenizer.to_json(), "dtype": self.dtype.name,
+                    "source": self._source, "splits": {n: dataclasses.asdict(r) for n, r in records.items()},
+                    "sources": self._sources or {}, "prepared": self.info}
+        (self._folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
 
 
-def _write_split(path: Path, chunks: Iterable[np.ndarray], dtype: np.dtype, vocab_size: int) -> _Record:
-    sha256, tokens = hashlib.sha256(), 0
-    with open(path, "wb") as f:
-        for ids in chunks:
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                raise ValueError(f"token ids {ids.min()}..{ids.max()} outside a vocabulary of {vocab_size}")
-            ids = np.ascontiguousarray(ids, dtype=dtype)
-            f.write(ids.data)
-            sha256.update(ids.data)
-            tokens += ids.size
-    stat = os.stat(path)
-    return _Record(tokens=tokens, bytes=stat.st_size, sha256=sha256.hexdigest(),
-                   sampled=_sampled_digest(path, stat.st_size), mtime_ns=stat.st_mtime_ns)
+def describe_sources(files: Iterable[tuple[str, int, int]], **extra: Any) -> dict[str, Any]:
+    """What a cache is made from, for its manifest: ``(name, bytes, mtime_ns)`` of each file (listed
+    when there are at most 10,000 of them) and their digest, plus any ``extra`` JSON values (in the
+    digest too). Two descriptions with the same digest name the same content, as far as stat can tell.
+    """
+    files = [list(f) for f in files]
+    digest = hashlib.sha256(json.dumps([files, extra], sort_keys=True).encode()).hexdigest()
+    described = {"digest": digest, "files": len(files), "bytes": sum(f[1] for f in files), **extra}
+    if len(files) <= _LISTED_FILES:
+        described["list"] = files
+    return described
+
+
+def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A short account of how two ``describe_sources`` results differ."""
+    if "list" in old and "list" in new:
+        before, now = {f[0]: f[1:] for f in old["list"]}, {f[0]: f[1:] for f in new["list"]}
+        changes = ([f"{n} changed" for n in now if n in before and now[n] != before[n]]
+                   + [f"{n} is new" for n in now if n not in before]
+                   + [f"{n} is gone" for n in before if n not in now])
+        if changes:
+            more = f", and {len(changes) - 3} more" if len(changes) > 3 else ""
+            return ", ".join(changes[:3]) + more
+    if "files" in old and "bytes" in old:
+        return (f"{old['files']:,} files of {old['bytes']:,} bytes then, {new['files']:,} of "
+                f"{new['bytes']:,} now")
+    return "it was prepared from other sources"
 
 
 def _publish(tmp: Path, cache: Path) -> None:

@@ -21,6 +21,8 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
+import json
 import os
 import re
 import unicodedata
@@ -140,6 +142,25 @@ def _check_ids_in_range(tokens: Any, vocab_size: int) -> np.ndarray:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# GPT-2's pre-tokenizer pattern, which Hugging Face's ByteLevel pre-tokenizer also uses (Radford et al.
+# 2019, the encoder.py of openai/gpt-2).
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): character -> the byte it stands for. Printable Latin-1
+    bytes stand for themselves; the other 68 bytes, in order, for U+0100 onwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _codepoints(text: str) -> np.ndarray:
+    """The code points of ``text``: uint32 [len(text)] (a lone surrogate included)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
 def _utf8(text: str) -> bytes:
     """``text`` in UTF-8; a lone surrogate (which UTF-8 cannot hold: a str made from undecodable bytes
     with ``surrogateescape``) becomes U+FFFD, as tiktoken does."""
@@ -204,20 +225,30 @@ class CharTokenizer:
         """
         if unknown not in UNKNOWN_POLICIES:
             raise TokenizerError(f"unknown={unknown!r} is not one of {UNKNOWN_POLICIES}")
-        text = self.normalize(text)
-        index = self._index
+        cps_N = _codepoints(self.normalize(text))
+        table = self._table
+        ids_N = table[np.minimum(cps_N, len(table) - 1)]
+        known_N = ids_N >= 0
+        if known_N.all():
+            return ids_N
         if unknown == "skip":
-            return np.array([index[c] for c in text if c in index], dtype=np.int32)
+            return ids_N[known_N]
         if unknown == "replace":
-            other = index[self.replacement]
-            return np.array([index.get(c, other) for c in text], dtype=np.int32)
-        try:
-            return np.fromiter((index[c] for c in text), dtype=np.int32, count=len(text))
-        except KeyError:
-            raise TokenizerError(
-                f"text has characters outside the vocabulary: {describe_characters(self.unknown(text))}; "
-                "remove them or train on a corpus that contains them"
-            ) from None
+            return np.where(known_N, ids_N, self._index[self.replacement]).astype(np.int32)
+        missing = "".join(chr(c) for c in dict.fromkeys(cps_N[~known_N].tolist()))
+        raise TokenizerError(
+            f"text has characters outside the vocabulary: {describe_characters(missing)}; "
+            "remove them or train on a corpus that contains them"
+        )
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        """Code point -> token id, -1 for characters outside the vocabulary: int32 [largest + 2] (the
+        last entry stands for every larger code point)."""
+        cps = _codepoints(self.chars)
+        table = np.full(int(cps.max()) + 2, -1, dtype=np.int32)
+        table[cps] = np.arange(len(cps), dtype=np.int32)
+        return table
 
     @property
     def replacement(self) -> str:
@@ -372,7 +403,28 @@ class BpeTokenizer:
     def encode(self, text: str) -> np.ndarray:
         """``normalize(text)`` -> int32 token ids [N] (a lone surrogate as U+FFFD)."""
         text = _utf8(self.normalize(text)).decode("utf-8")
+        if self._fast is not None:
+            return np.asarray(self._fast.encode_ordinary(text), dtype=np.int32)
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    @functools.cached_property
+    def _fast(self) -> Any:
+        """The same BPE as a ``tiktoken`` encoding (same pre-tokenizer pattern, ranks = ids), about ten
+        times faster than the ``tokenizers`` encoder, which gives the same ids; None when the ids do not
+        follow the merge order (then rank-order merging could differ), and ``_tok`` encodes."""
+        import tiktoken
+
+        model = json.loads(self._tok.to_str())["model"]
+        vocab = model["vocab"]
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        made = [vocab.get(a + b, -1) for a, b in merges]
+        in_order = all(a < b for a, b in itertools.pairwise([255, *made]))
+        if not in_order:
+            return None
+        to_byte = _byte_level_alphabet()
+        ranks = {bytes(to_byte[c] for c in token): i for token, i in vocab.items()}
+        return tiktoken.Encoding("gpt_jax_bpe", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={EOT: self.eot_id})
 
     def decode(self, tokens: Any) -> str:
         """Ids -> text; end-of-text ids render as nothing and bytes that are not UTF-8 as U+FFFD."""

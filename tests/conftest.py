@@ -39,7 +39,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def shakespeare_file() -> Path:
     """The Tiny Shakespeare input.txt shipped inside the package."""
-    from gpt_jax.data import packaged_tiny_shakespeare
+    from gpt_jax.prepare import packaged_tiny_shakespeare
 
     return packaged_tiny_shakespeare()
 

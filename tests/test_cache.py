@@ -222,15 +222,17 @@ def test_a_writer_killed_while_tokenising_leaves_nothing_behind(cfg, tmp_path, s
 
 
 def test_two_builders_of_one_cache_take_turns(cfg, monkeypatch):
+    from gpt_jax import prepare
+
     builds = []
-    from_text = CharTokenizer.from_text.__func__
+    make_tokenizer = prepare.make_tokenizer
 
-    def slow_from_text(cls, text):
-        builds.append(text)
+    def slow_make_tokenizer(*args, **kwargs):
+        builds.append(args)
         time.sleep(0.5)  # long enough that the other thread arrives while this one builds
-        return from_text(cls, text)
+        return make_tokenizer(*args, **kwargs)
 
-    monkeypatch.setattr(CharTokenizer, "from_text", classmethod(slow_from_text))
+    monkeypatch.setattr(prepare, "make_tokenizer", slow_make_tokenizer)
     results = [None, None]
 
     def load(i):

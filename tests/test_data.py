@@ -4,6 +4,7 @@ import pytest
 from gpt_jax.config import make_config
 from gpt_jax.data import EVAL_STREAMS, TRAIN_STREAMS, load_data, random_windows
 from gpt_jax.errors import DataError
+from gpt_jax.prepare import is_validation
 
 NANOGPT_TRAIN, NANOGPT_VAL = 1_003_854, 111_540
 
@@ -28,15 +29,20 @@ def test_file_path_gives_the_same_splits(shakespeare, shakespeare_file, tmp_path
     assert np.array_equal(data.val, shakespeare.val)
 
 
-def test_folder_of_text_files(tmp_path):
+def test_a_folder_puts_whole_documents_in_each_split(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
-    (corpus / "a.txt").write_text("abcdefghij" * 5)
-    (corpus / "sub" / "b.txt").write_text("klmnopqrst" * 5)
+    names = [f"{i:02d}.txt" for i in range(12)] + ["sub/b.txt"]
+    for i, name in enumerate(names):
+        (corpus / name).write_text(f"document {i}. ")
     (corpus / "notes.md").write_text("ignored")
-    data = load_data(make_config(dataset=str(corpus), data_dir=str(tmp_path / "cache"), val_fraction=0.2))
-    assert (len(data.train), len(data.val)) == (80, 20)
-    assert data.tokenizer.decode(data.val) == "klmnopqrst" * 2
+    (corpus / ".hidden.txt").write_text("ignored")
+    data = load_data(make_config(dataset=str(corpus), data_dir=str(tmp_path / "cache"), val_fraction=0.3))
+    val = [n for n in names if is_validation(n, 0.3)]
+    assert 0 < len(val) < len(names)
+    assert data.tokenizer.decode(data.val) == "".join(f"document {names.index(n)}. " for n in val)
+    assert data.tokenizer.decode(data.train) == "".join(
+        f"document {i}. " for i, n in enumerate(names) if n not in val)
 
 
 def test_token_cache_is_reused_and_keyed_by_content(tmp_path):
@@ -55,8 +61,10 @@ def test_token_cache_is_reused_and_keyed_by_content(tmp_path):
     assert np.array_equal(first.train, second.train)
     assert caches() == built
     text.write_text("Toto, I've a feeling we're not in Kansas anymore. " * 4)
-    third = load_data(cfg)
-    assert len(caches()) == 2
+    with pytest.warns(UserWarning, match=r"the source changed since .* was prepared \(wizard_of_oz.txt "
+                                         r"changed\); preparing it again"):
+        third = load_data(cfg)
+    assert caches() == built  # prepared again in its place
     assert third.tokenizer.decode(third.train[:4]) == "Toto"
 
 
@@ -110,13 +118,14 @@ def test_empty_file(tmp_path):
 
 def test_non_utf8_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8 text \(byte 3 is 0xe9\)"):
+    with pytest.raises(DataError, match=r"latin1.txt line 1: byte 0xe9 at column 4 is not UTF-8; convert it "
+                                        r"to UTF-8 or fix it, or pass --errors=skip to skip such lines"):
         load_data(make_config(dataset=str(tmp_path / "latin1.txt"), data_dir=str(tmp_path)))
 
 
 def test_folder_without_text_files(tmp_path):
     (tmp_path / "corpus").mkdir()
-    with pytest.raises(DataError, match="holds no .txt files"):
+    with pytest.raises(DataError, match=r"holds no text files \(.txt, .jsonl or .tar files, plain or .gz "):
         load_data(make_config(dataset=str(tmp_path / "corpus"), data_dir=str(tmp_path)))
 
 
@@ -175,15 +184,17 @@ def test_source_file_with_a_path_dataset_is_refused(shakespeare_file, tmp_path):
     cfg = make_config(dataset=str(shakespeare_file), source_file=str(shakespeare_file),
                       data_dir=str(tmp_path))
     with pytest.raises(DataError, match=r"source_file is a local copy of the download of tiny_shakespeare, "
-                                        r"but dataset .* is a path; leave out --source_file"):
+                                        r"but dataset .* is not that; leave out --source_file"):
         load_data(cfg)
 
 
 def test_text_files_are_normalised_before_the_vocabulary_is_built(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_bytes("\ufeffBir öğretmen\r\n".encode())
-    (corpus / "b.txt").write_bytes("O\u0308g\u0306retmen\rAyşe\n".encode())
+    a, b = "a0.txt", next(f"b{i}.txt" for i in range(100) if is_validation(f"b{i}.txt", 0.5))
+    assert not is_validation(a, 0.5)
+    (corpus / a).write_bytes("\ufeffBir öğretmen\r\n".encode())
+    (corpus / b).write_bytes("\ufeffO\u0308g\u0306retmen\rAyşe\n".encode())  # each document's BOM goes
     data = load_data(make_config(dataset=str(corpus), data_dir=str(tmp_path / "cache"), val_fraction=0.5))
     text = data.tokenizer.decode(np.concatenate([data.train, data.val]))
     assert text == "Bir öğretmen\nÖğretmen\nAyşe\n"

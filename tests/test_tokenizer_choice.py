@@ -104,7 +104,7 @@ def test_streamed_bytes_print_whole_characters():
 
 def test_a_char_corpus_keeps_its_cache_key(corpus):
     """Caches written before the tokenizer choice existed stay valid: char keeps the old key."""
-    from gpt_jax.data import _tokenizer_identity
+    from gpt_jax.prepare import _tokenizer_identity
 
     assert _tokenizer_identity(config("char", corpus, corpus)) == "char"
     bpe = config("bpe", corpus, corpus)
