@@ -234,12 +234,12 @@ class GPT(nn.Module):
         cfg = self.config
         (B, T), D, V = tokens_BxT.shape, cfg.n_embd, cfg.vocab_size
         pos = 0 if cache is None else cache["pos"]
-        wte_VxD = _weight(self, "wte", (V, D))
+        wte_VxD = _weight(self, "wte", (padded_vocab_size(cfg), D))
         x_BxTxD = _embed(wte_VxD, tokens_BxT) + self._positions(pos, T)
         x_NxD = nn.Dropout(cfg.dropout)(x_BxTxD.reshape(B * T, D), deterministic=deterministic)
         x_NxD, layer_caches = _layers(cfg, x_NxD, T, deterministic, cache)
         x_NxD = _layer_norm(cfg, "ln_f")(x_NxD)
-        logits_BxTxV = self._lm_head(wte_VxD, x_NxD).reshape(B, T, V)
+        logits_BxTxV = self._lm_head(wte_VxD, x_NxD)[:, :V].reshape(B, T, V)
         if cache is None:
             return logits_BxTxV
         return logits_BxTxV, {"pos": pos + T, "layers": layer_caches}
@@ -257,7 +257,15 @@ class GPT(nn.Module):
         cfg = self.config
         if cfg.tie_embeddings:
             return x_NxD @ wte_VxD.T
-        return _dense(dataclasses.replace(cfg, bias=False), cfg.vocab_size, "lm_head")(x_NxD)
+        return _dense(dataclasses.replace(cfg, bias=False), padded_vocab_size(cfg), "lm_head")(x_NxD)
+
+
+def padded_vocab_size(cfg: Config) -> int:
+    """Rows of the token embedding (and output layer): ``vocab_size``, rounded up to a multiple of 64
+    for the gpt2 tokenizer (50,257 -> 50,304, as nanoGPT pads it, for faster matrix multiplies on
+    accelerators). The padded rows are never an input, and their logits are cut off: the model's
+    output always has ``vocab_size`` columns."""
+    return -(-cfg.vocab_size // 64) * 64 if cfg.tokenizer == "gpt2" else cfg.vocab_size
 
 
 @functools.lru_cache(maxsize=32)

@@ -102,14 +102,20 @@ def test_streamed_bytes_print_whole_characters():
     assert "".join(written) == "ğİ a" and "\ufffd" not in "".join(written)
 
 
-def test_a_char_corpus_keeps_its_cache_key(corpus):
-    """Caches written before the tokenizer choice existed stay valid: char keeps the old key."""
-    from gpt_jax.prepare import _tokenizer_identity
+def test_a_gpt2_model_pads_its_embedding_to_a_multiple_of_64_and_outputs_the_vocabulary(corpus):
+    import jax
 
-    assert _tokenizer_identity(config("char", corpus, corpus)) == "char"
-    bpe = config("bpe", corpus, corpus)
-    assert _tokenizer_identity(dataclasses.replace(bpe, vocab_size=0)) == {"kind": "bpe", "vocab_size": 4096}
-    assert _tokenizer_identity(bpe) == {"kind": "bpe", "vocab_size": 300}
+    from gpt_jax.model import init_params, logits_fn, padded_vocab_size
+    from gpt_jax.training import setup_data
+
+    cfg, data = setup_data(config("gpt2", corpus, corpus))
+    V = data.tokenizer.vocab_size
+    assert cfg.vocab_size == V and V % 64 and padded_vocab_size(cfg) == -(-V // 64) * 64
+    assert padded_vocab_size(dataclasses.replace(cfg, vocab_size=50257)) == 50304  # nanoGPT's
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    assert params["wte"].shape == (padded_vocab_size(cfg), cfg.n_embd)
+    assert logits_fn(params, cfg, data.val[None, :8].astype("int32")).shape == (1, 8, V)
+    assert padded_vocab_size(dataclasses.replace(cfg, tokenizer="byte")) == V
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe", "gpt2"])
