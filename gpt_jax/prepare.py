@@ -872,6 +872,9 @@ class _Streamed(_Source):
             chars = "".join(set().union(*(r.chars for r in scan)))
             if not chars:
                 raise DataError(f"dataset {self.cfg.dataset} is empty; give files with text in them")
+        if self.cfg.tokenizer == "bpe" and self.cfg.progress and sum(j.size for j in jobs) >= _SMALL:
+            print(f"prepare: training a BPE of {self.cfg.vocab_size or BPE_VOCAB_SIZE:,} tokens on up to "
+                  f"{BPE_TRAIN_BYTES >> 20} MiB of the training documents", file=sys.stderr)
         tokenizer = make_tokenizer(self.cfg, chars, lambda: self.training_text(jobs))
         dtype = writer.start(tokenizer, self.cfg.dataset)
         writer.scratch.mkdir()

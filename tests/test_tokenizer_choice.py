@@ -1,8 +1,11 @@
-"""--tokenizer=char|byte|bpe|gpt2 end to end: a corpus tokenised with each kind trains, checkpoints,
-resumes exactly and samples; the kind is part of the token cache's key and of the checkpoint."""
+"""--tokenizer=char|byte|bpe|gpt2 end to end: a prepared folder of compressed documents tokenised with
+each kind trains, checkpoints, resumes exactly and samples; the kind is part of the token cache's key
+and of the checkpoint."""
 
 import base64
 import dataclasses
+import gzip
+import json
 
 import jax
 import numpy as np
@@ -28,14 +31,18 @@ def write_small_gpt2_encoding(path):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
-    (folder / "metin.txt").write_text(TEXT * 30, encoding="utf-8")
+    (folder / "documents").mkdir()
+    for i in range(24):
+        (folder / "documents" / f"{i:02d}.txt.gz").write_bytes(gzip.compress(TEXT.encode()))
+    lines = "".join(json.dumps({"text": TEXT}) + "\n" for _ in range(16))
+    (folder / "documents" / "more.jsonl").write_text(lines, encoding="utf-8")
     write_small_gpt2_encoding(folder / "small.tiktoken")
     return folder
 
 
 def config(kind, corpus, out_dir, **overrides):
     extra = {"bpe": {"vocab_size": 300}, "gpt2": {"encoding_file": str(corpus / "small.tiktoken")}}
-    values = dict(dataset=str(corpus / "metin.txt"), tokenizer=kind, data_dir=str(corpus / "data"),
+    values = dict(dataset=str(corpus / "documents"), tokenizer=kind, data_dir=str(corpus / "data"),
                   out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
                   max_iters=10, lr_decay_iters=10, warmup_iters=1, eval_interval=5, eval_iters=1,
                   log_interval=5, progress=False, dropout=0.0, always_save_checkpoint=True)
