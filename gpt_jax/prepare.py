@@ -75,8 +75,8 @@ TFDS_PREFIX = "tfds:"
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".tar": "tar", ".tgz": "tar"}
 COMPRESSIONS = {".gz": "gz", ".xz": "xz"}
 _PIECE_BYTES = 1 << 20  # text read and tokenised at a time
-_MAX_PIECE_BYTES = 64 << 20
-_MAX_PIECES = 1 << 30  # a piece with no clean place to cut is cut anyway, before an ASCII byte
+_MAX_PIECE_BYTES = 64 << 20  # a piece with no clean place to cut is cut anyway, before an ASCII byte
+_FLUSH_TOKENS = 1 << 20  # ids a job buffers before writing them
 _JOB_BYTES = 16 << 20  # a single text file is cut into jobs of about this size
 _SMALL = 4 << 20  # a corpus read faster than worker processes start, unless num_proc is given
 _TFDS_JOB_EXAMPLES = 1024  # tfds examples handed to a worker at a time
@@ -524,7 +524,7 @@ class _Runner:
             for _, split, pieces in self._documents(job, result):
                 if split == "train":
                     try:
-                        text = list(itertools.islice(_up_to(pieces, limit), _MAX_PIECES))
+                        text = list(_up_to(pieces, limit))
                     except _BadDocument as e:
                         self._skip(e, result)
                         continue
@@ -595,27 +595,45 @@ class _Runner:
 
 
 class _Out:
-    """A job's scratch file of one split: ids appended, rolled back to a mark; opened on first write."""
+    """A job's scratch file of one split: ids appended (buffered), rolled back to a mark."""
 
     def __init__(self, path: Path, dtype: np.dtype):
-        self.path, self.dtype, self.tokens, self._f = path, dtype, 0, None
+        self.path, self.dtype, self.tokens = path, dtype, 0
+        self._buffer: list[np.ndarray] = []
+        self._written = 0  # tokens in the file; the rest are in the buffer
+        self._f = None
 
     def write(self, ids: np.ndarray) -> None:
+        self._buffer.append(ids)
+        self.tokens += ids.size
+        if self.tokens - self._written >= _FLUSH_TOKENS:
+            self._flush()
+
+    def rollback(self, tokens: int) -> None:
+        """Forget every id after the first ``tokens``."""
+        if tokens >= self._written:
+            kept = np.concatenate(self._buffer)[:tokens - self._written] if self._buffer else None
+            self._buffer = [kept] if kept is not None else []
+        else:
+            self._buffer = []
+            self._f.truncate(tokens * self.dtype.itemsize)
+            self._f.seek(0, os.SEEK_END)
+            self._written = tokens
+        self.tokens = tokens
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
         try:
             if self._f is None:
                 self._f = open(self.path, "wb")  # noqa: SIM115 (closed in close)
-            self._f.write(np.ascontiguousarray(ids, dtype=self.dtype).data)
+            self._f.write(np.concatenate(self._buffer).astype(self.dtype, copy=False).data)
         except OSError as e:
             raise _Unwritable(e) from None
-        self.tokens += ids.size
-
-    def rollback(self, tokens: int) -> None:
-        if self._f is not None:
-            self._f.truncate(tokens * self.dtype.itemsize)
-            self._f.seek(0, os.SEEK_END)
-        self.tokens = tokens
+        self._buffer, self._written = [], self.tokens
 
     def close(self) -> None:
+        self._flush()
         if self._f is not None:
             self._f.close()
 
@@ -789,9 +807,10 @@ def _cut_at(data: bytes, old: int) -> int | None:
     """Where to end a piece of ``data`` (whose first ``old`` bytes were searched before): after its last
     clean line end; None to read on; or, past ``_MAX_PIECE_BYTES``, before its last ASCII byte that is
     not a line feed and does not follow a carriage return."""
-    ends = [m.end() for m in _CLEAN_CUT.finditer(data, max(0, old - 2))]
-    if ends:
-        return ends[-1]
+    i = len(data) - 1
+    while (i := data.rfind(NEWLINE, max(0, old - 2), i)) > 0:  # usually the last line end is clean
+        if 0x21 <= data[i - 1] <= 0x7E and 0x21 <= data[i + 1] <= 0x7E:
+            return i + 1
     if len(data) < _MAX_PIECE_BYTES:
         return None
     for i in range(len(data) - 1, 0, -1):
