@@ -14,7 +14,7 @@ import logging
 from gpt_jax import cli
 from gpt_jax.config import default_preset, make_config
 
-_DESCRIPTION = "Train a character-level bigram or GPT model."
+_DESCRIPTION = "Train a bigram or GPT language model."
 
 
 def main(argv: list[str]) -> int:

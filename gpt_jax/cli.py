@@ -59,7 +59,11 @@ def parse_config_args(prog: str, description: str, argv: list[str],
     parsed, unknown = config_parser(prog, description).parse_known_args(argv)
     parse_overrides(unknown)  # raises a ConfigError that names the unknown key
     args = vars(parsed)
-    return args.pop("config", None), args
+    preset = args.pop("config", None)
+    if preset and not preset.endswith(".py") and os.path.exists(os.path.expanduser(preset)):
+        raise ConfigError(f"{preset} is data, not a config file (a preset name or a .py file); did you mean "
+                          f"--dataset={preset}?")
+    return preset, args
 
 
 def _quiet_exit(code: int) -> None:

@@ -61,17 +61,18 @@ class Config:
     remat: bool = _field(False, "recompute each block's activations in the backward pass (less memory)")
     scan_layers: bool = _field(False, "one lax.scan over stacked layers (faster compiles of deep models)")
     # data
-    dataset: str = _field("tiny_shakespeare", "tiny_shakespeare, a text file, a folder or archive of "
-                          "documents, or tfds:NAME")
+    dataset: str = _field("tiny_shakespeare", "tiny_shakespeare, a text file, a folder, .jsonl or archive "
+                          "of documents, or tfds:NAME[:FEATURE]")
     data_dir: str = _field("~/.cache/gpt_jax", "where tokenised data is cached")
     source_file: str = _field("", "a local copy of tiny_shakespeare's input.txt (instead of the bundled one)")
-    val_fraction: float = _field(0.1, "validation share: the last part of one text, else of the documents")
+    val_fraction: float = _field(0.1, "validation share: the end of one text, else documents picked by "
+                                 "their name's hash")
     tokenizer: str = _field("char", "char (the corpus's characters), byte (UTF-8), bpe (trained on the "
                             "training split) or gpt2")
     encoding_file: str = _field("", "gpt2 tokenizer: a local tiktoken ranks file, for a machine without "
                                 "network")
     text_field: str = _field("text", "the field of a .jsonl line (or tfds example) that holds the text")
-    errors: str = _field("strict", "a document that is not UTF-8 or has no text: strict (stop) or skip")
+    errors: str = _field("strict", "a document that is not UTF-8, JSON or has no text: strict (stop) or skip")
     num_proc: int = _field(0, "worker processes that tokenise a corpus; 0 = one per core")
     # optimisation
     batch_size: int = _field(64, "sequences per micro-batch over all devices")

@@ -48,6 +48,7 @@ import os
 import re
 import sys
 import tarfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -140,6 +141,14 @@ def make_tokenizer(cfg: Config, chars: str = "", training_text: Callable[[], Ite
     if cfg.tokenizer == "gpt2":
         return Gpt2Tokenizer.load(str(expand(cfg.encoding_file)) if cfg.encoding_file else None)
     return CharTokenizer("".join(sorted(set(chars))), normalization="nfc")
+
+
+def _check_bpe_size(cfg: Config, tokenizer: Tokenizer) -> None:
+    """Warn when a BPE came out smaller than asked (its training text had no more pairs to merge)."""
+    asked = cfg.vocab_size or BPE_VOCAB_SIZE
+    if tokenizer.kind == "bpe" and tokenizer.vocab_size < asked:
+        warnings.warn(f"the BPE has {tokenizer.vocab_size:,} tokens, not the {asked:,} asked for: its "
+                      "training text has no more pairs to merge", stacklevel=2)
 
 
 def _tokenizer_identity(cfg: Config) -> Any:
@@ -504,16 +513,21 @@ class _Runner:
                 self._skip(e, result)
                 outs[split].rollback(mark)
                 continue
-            if not self.s.single and self.tokenizer is not None and self.tokenizer.eot_id is not None:
-                outs[split].write(np.array([self.tokenizer.eot_id]))
+            if self.s.single:
+                continue  # one text: no documents to separate
+            if self.s.mode == "encode":
+                if outs[split].tokens == mark:
+                    continue  # an empty document is nothing, not an end-of-text
+                if self.tokenizer.eot_id is not None:
+                    outs[split].write(np.array([self.tokenizer.eot_id]))
             result.documents[split] += 1
 
     def _skip(self, e: _BadDocument, result: _Result) -> None:
         """Count a bad document with ``errors="skip"``; else the DataError that names it."""
         if self.s.errors == "strict":
             what = "lines" if self.s.single else "documents"
-            raise DataError(f"{e}; convert it to UTF-8 or fix it, or pass --errors=skip to skip such "
-                            f"{what}") from None
+            fix = "convert it to UTF-8" if e.reason == "not UTF-8" else "fix it"
+            raise DataError(f"{e}; {fix}, or pass --errors=skip to skip such {what}") from None
         result.skipped[e.reason] += 1
 
     def training_text(self, job: _Job, limit: int) -> Iterator[str]:
@@ -636,6 +650,14 @@ class _Out:
         self._flush()
         if self._f is not None:
             self._f.close()
+
+
+def _json_type(value: Any) -> str:
+    """How JSON calls a value's type: null, a number, an array, ..."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _up_to(pieces: Iterable[str], limit: int) -> Iterator[str]:
@@ -844,15 +866,20 @@ def _json_text(line: bytes, name: str, number: int, field: str) -> Iterator[str]
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise _BadDocument("not UTF-8", _not_utf8(name, line, e, number, "")) from None
-    except ValueError as e:
-        raise _BadDocument("not JSON", f"{where} is not JSON ({str(e).split(':')[0]})") from None
-    if not isinstance(record, dict) or field not in record:
-        fields = ", ".join(map(repr, list(record)[:8])) if isinstance(record, dict) else "none"
+    except json.JSONDecodeError as e:
+        raise _BadDocument("not JSON", f"{where} is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise _BadDocument("not JSON", f"{where} holds {_json_type(record)}, not an object with a "
+                           f"{field!r} field")
+    if field not in record:
+        texts = [k for k, v in record.items() if isinstance(v, str)]
+        fix = f"--text_field={texts[0]}" if len(texts) == 1 else "--text_field=NAME"
+        fields = ", ".join(map(repr, list(record)[:8])) or "none"
         raise _BadDocument(f"no {field!r}", f"{where} has no {field!r} field (its fields: {fields}); pass "
-                           "--text_field=NAME")
+                           + fix)
     if not isinstance(record[field], str):
-        raise _BadDocument(f"no {field!r}", f"{where}: its {field!r} is a {type(record[field]).__name__}, "
-                           "not text; pass --text_field=NAME")
+        raise _BadDocument(f"no {field!r}", f"{where}: its {field!r} is {_json_type(record[field])}, not "
+                           "text")
     yield normalize_text(record[field])
 
 
@@ -895,6 +922,7 @@ class _Streamed(_Source):
             print(f"prepare: training a BPE of {self.cfg.vocab_size or BPE_VOCAB_SIZE:,} tokens on up to "
                   f"{BPE_TRAIN_BYTES >> 20} MiB of the training documents", file=sys.stderr)
         tokenizer = make_tokenizer(self.cfg, chars, lambda: self.training_text(jobs))
+        _check_bpe_size(self.cfg, tokenizer)
         dtype = writer.start(tokenizer, self.cfg.dataset)
         writer.scratch.mkdir()
         settings = self.settings("encode", scratch=str(writer.scratch), tokenizer=tokenizer.to_json(),
@@ -926,13 +954,19 @@ class _Streamed(_Source):
         skipped = sum((r.skipped for r in results), collections.Counter())
         writer.info.update(tokens=tokens, documents=documents, skipped=dict(skipped))
         if skipped:
-            counts = ", ".join(f"{n:,} {reason}" for reason, n in skipped.most_common())
-            print(f"prepare: skipped {sum(skipped.values()):,} {'lines' if self.single else 'documents'} "
-                  f"of {self.cfg.dataset} ({counts})")
+            counts = ", ".join(f"{reason}: {n:,}" for reason, n in skipped.most_common())
+            what = "lines" if self.single else "documents"
+            warnings.warn(f"skipped {sum(skipped.values()):,} {what} of {self.cfg.dataset} ({counts})",
+                          stacklevel=2)
         if not tokens["train"] + tokens["val"]:
             raise DataError(f"dataset {self.cfg.dataset} is empty"
                             + (" once what cannot be read is skipped" if skipped else "")
                             + "; give files with text in them")
+        share, f = tokens["val"] / (tokens["train"] + tokens["val"]), self.cfg.val_fraction
+        if not self.single and tokens["val"] and tokens["train"] and not f / 2 <= share <= 2 * f:
+            warnings.warn(f"the validation split of {self.cfg.dataset} holds {share:.0%} of its tokens, not "
+                          f"about {f:.0%}: its {sum(documents.values()):,} documents go whole to one split "
+                          "or the other; give more documents, or one text file", stacklevel=2)
         for split in SPLITS:
             if not tokens[split]:
                 raise DataError(
@@ -1074,7 +1108,7 @@ def _run(source: _Streamed, jobs: list[_Job], settings: _Settings, what: str,
     appended). A progress bar (after 2 s) shows what is read per second and the time left."""
     from tqdm import tqdm
 
-    num_proc, load = source.num_proc, source.load
+    num_proc, load = min(source.num_proc, len(jobs)), source.load
     scaled = {"unit_scale": True, "unit_divisor": 1024} if source.unit == "B" else {}
     bar = tqdm(total=sum(j.size for j in jobs), desc=f"prepare: {what}", unit=source.unit,
                disable=not source.cfg.progress, delay=2.0, leave=False, **scaled)
@@ -1172,8 +1206,9 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     files = prepare(cfg)
     counts = ", ".join(f"{name} {len(ids):,} tokens" for name, ids in files.splits.items())
-    print(f"prepared {cfg.dataset} with the {files.tokenizer.kind} tokenizer ({files.tokenizer.vocab_size:,} "
-          f"ids): {counts}, in {time.perf_counter() - start:.1f} s; cached under {expand(cfg.data_dir)}")
+    done = f"prepared in {time.perf_counter() - start:.1f} s" if files.built else "already prepared"
+    print(f"{cfg.dataset}, {files.tokenizer.kind} tokenizer ({files.tokenizer.vocab_size:,} ids): {counts}; "
+          f"{done}, under {expand(cfg.data_dir)}")
     return 0
 
 

@@ -53,6 +53,7 @@ class TokenFiles:
     tokenizer: Tokenizer
     splits: dict[str, np.ndarray]
     source: str
+    built: bool = False  # made by this call, not found ready
 
 
 class _Damaged(Exception):
@@ -103,7 +104,7 @@ def open_or_build(cache: Path, splits: tuple[str, ...], build: Callable[[Writer]
                 raise _unwritable(cache, e, str(problem or "")) from None
             finally:
                 writer.close()
-    return _open(cache, splits, sources)
+    return dataclasses.replace(_open(cache, splits, sources), built=True)
 
 
 def remove_dead_writers(parent: Path) -> None:

@@ -537,12 +537,11 @@ class Gpt2Tokenizer:
             try:
                 return cls(tiktoken.get_encoding("gpt2"))
             except Exception as e:  # requests' connection errors, a blocked download, a bad cache ...
-                reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
                 raise TokenizerError(
-                    f"cannot get GPT-2's encoding from tiktoken (no network and no cached copy? {reason}); "
-                    "where there is a network, run `python -c \"from gpt_jax.tokenizer import Gpt2Tokenizer; "
-                    "Gpt2Tokenizer.load().write_encoding_file('gpt2.tiktoken')\"`, put gpt2.tiktoken in the "
-                    "data folder and pass --encoding_file=<data folder>/gpt2.tiktoken") from None
+                    f"cannot get GPT-2's encoding from tiktoken ({type(e).__name__}: no network, and no copy "
+                    "downloaded before); on a machine with a network run `python -c \"from gpt_jax import "
+                    "Gpt2Tokenizer; Gpt2Tokenizer.load().write_encoding_file('gpt2.tiktoken')\"`, copy "
+                    "gpt2.tiktoken here and pass --encoding_file=gpt2.tiktoken") from None
         path = os.path.abspath(os.fspath(encoding_file))
         if not os.path.isfile(path):
             raise TokenizerError(f"the encoding file {path} does not exist; put GPT-2's ranks (a .tiktoken "

@@ -119,7 +119,7 @@ def test_empty_file(tmp_path):
 def test_non_utf8_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.txt line 1: byte 0xe9 at column 4 is not UTF-8; convert it "
-                                        r"to UTF-8 or fix it, or pass --errors=skip to skip such lines"):
+                                        r"to UTF-8, or pass --errors=skip to skip such lines"):
         load_data(make_config(dataset=str(tmp_path / "latin1.txt"), data_dir=str(tmp_path)))
 
 

@@ -186,7 +186,7 @@ def test_a_changed_source_is_prepared_again_and_named(every_kind, tmp_path):
         next(p.name for p in (tmp_path / "cache" / "tokens").iterdir() if not p.name.startswith("."))]
 
 
-def test_errors_skip_skips_and_counts_bad_documents(tmp_path, capsys):
+def test_errors_skip_skips_and_counts_bad_documents(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     good = [f"good_{i}.txt" for i in range(20)]
@@ -196,10 +196,11 @@ def test_errors_skip_skips_and_counts_bad_documents(tmp_path, capsys):
     (corpus / "lines.jsonl").write_text('{"text": "kept"}\n{"body": "no text"}\nnot json\n')
     cfg = make_config(dataset=str(corpus), data_dir=str(tmp_path / "cache"), tokenizer="byte", errors="skip",
                       val_fraction=0.3)
-    data = load_data(cfg)
+    with pytest.warns(UserWarning, match=r"skipped 3 documents of .* \(not JSON: 1, no 'text': 1, "
+                                         r"not UTF-8: 1\)|skipped 3 documents"):
+        data = load_data(cfg)
     text = data.tokenizer.decode(np.concatenate([data.train, data.val]))
     assert "café" not in text and "kept" in text and all(f"{n} is fine" in text for n in good)
-    assert "skipped 3 documents" in capsys.readouterr().out
     manifest = json.loads(next((tmp_path / "cache" / "tokens").glob("*/manifest.json")).read_text())
     assert manifest["prepared"]["skipped"] == {"not UTF-8": 1, "no 'text'": 1, "not JSON": 1}
 
@@ -224,6 +225,16 @@ def test_a_tfds_text_dataset_by_name(tmp_path, num_proc):
         data = load_data(cfg)
     expected = by_hand(docs, ByteTokenizer(), 0.1)
     assert np.array_equal(data.train, expected["train"]) and np.array_equal(data.val, expected["val"])
+
+
+def test_empty_documents_add_no_end_of_text(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i:02d}.txt").write_text(f"doc {i}\n" if i % 2 else "")
+    data = load_data(make_config(dataset=str(corpus), data_dir=str(tmp_path), tokenizer="byte",
+                                 val_fraction=0.3))
+    assert int((np.asarray(data.train) == 256).sum() + (np.asarray(data.val) == 256).sum()) == 10
 
 
 def test_a_tfds_feature_that_does_not_exist_is_named(tmp_path):
@@ -274,11 +285,19 @@ def _nothing(folder: Path) -> None:
 BAD_INPUTS = {
     "truncated .gz": (_bad_gzip, r"cannot read broken.txt.gz \(.*\): .*; it is damaged or incomplete"),
     "not an archive": (_not_an_archive, r"cannot read fake.tar.xz \(.*\): .*; it is damaged or incomplete"),
-    "not UTF-8": (_not_utf8, r"latin1.txt line 3: byte 0xe9 at column 4 is not UTF-8; convert it to UTF-8 or "
-                             r"fix it, or pass --errors=skip to skip such documents"),
+    "not UTF-8": (_not_utf8, r"latin1.txt line 3: byte 0xe9 at column 4 is not UTF-8; convert it to UTF-8, "
+                             r"or pass --errors=skip to skip such documents"),
     "JSONL line without the field": (_jsonl_without_field, r"a.jsonl line 3 has no 'text' field \(its "
-                                                           r"fields: 'body', 'id'\); pass --text_field=NAME"),
-    "JSONL line that is not JSON": (_bad_json, r"a.jsonl line 2 is not JSON \(Expecting value\)"),
+                                                           r"fields: 'body', 'id'\); pass --text_field=body; "
+                                                           r"fix it, or pass --errors=skip"),
+    "JSONL line that is not JSON": (_bad_json, r"a.jsonl line 2 is not JSON \(Expecting value at column "
+                                               r"\d+\)"),
+    "JSONL line that is an array": (lambda f: (f / "a.jsonl").write_text('["text"]\n'),
+                                    r"a.jsonl line 1 holds an array, not an object with a 'text' field"),
+    "JSONL text that is null": (lambda f: (f / "a.jsonl").write_text('{"text": null}\n'),
+                                r"a.jsonl line 1: its 'text' is null, not text"),
+    "only empty documents": (lambda f: [(f / f"{i}.txt").write_text("") for i in range(30)],
+                             r"dataset .* is empty; give files with text in them"),
     "empty folder": (_nothing, r"holds no text files"),
 }
 
@@ -376,3 +395,19 @@ def test_a_char_vocabulary_comes_from_every_document(every_kind, tmp_path):
     data = load_data(make_config(dataset=str(folder), data_dir=str(tmp_path), num_proc=1))
     assert isinstance(data.tokenizer, CharTokenizer)
     assert data.tokenizer.chars == "".join(sorted(set("".join(normalize_text(t) for _, t in docs))))
+
+
+def test_the_command_line_says_when_the_corpus_was_ready_and_what_a_data_path_argument_means(tmp_path):
+    (tmp_path / "a.txt").write_text("Bir varmış, bir yokmuş.\n" * 50)
+    args = [sys.executable, "-m", "gpt_jax.prepare", f"--dataset={tmp_path / 'a.txt'}", "--tokenizer=byte",
+            f"--data_dir={tmp_path / 'cache'}"]
+    first, second = (subprocess.run(args, capture_output=True, text=True, timeout=120) for _ in range(2))
+    assert "prepared in" in first.stdout and "already prepared" in second.stdout
+    wrong = subprocess.run([*args[:3], str(tmp_path / "a.txt")], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and f"did you mean --dataset={tmp_path / 'a.txt'}?" in wrong.stderr
+
+
+def test_a_bpe_smaller_than_asked_says_so(tmp_path):
+    (tmp_path / "a.txt").write_text("ab ab ab\n" * 100)
+    with pytest.warns(UserWarning, match=r"the BPE has \d+ tokens, not the 4,096 asked for"):
+        load_data(make_config(dataset=str(tmp_path / "a.txt"), tokenizer="bpe", data_dir=str(tmp_path)))
