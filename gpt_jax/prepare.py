@@ -292,6 +292,7 @@ class _TinyShakespeare(_Source):
     def build(self, writer: token_cache.Writer) -> None:
         train, val = read_tiny_shakespeare(expand(self.cfg.data_dir) / "tfds", self.cfg.source_file or None)
         tokenizer = make_tokenizer(self.cfg, train + val, lambda: _chunks(train))
+        _check_bpe_size(self.cfg, tokenizer)
         writer.start(tokenizer, self.cfg.dataset)
         writer.append("train", tokenizer.encode(train))
         writer.append("val", tokenizer.encode(val))
@@ -496,7 +497,9 @@ class _Runner:
         try:
             self._run(job, result, outs)
         except _READ_ERRORS as e:  # writing raises _Unwritable: these come from reading the source
-            raise _unreadable(job.file, e) from e if job.file is None else None
+            if job.file is None:
+                raise
+            raise _unreadable(job.file, e) from None
         finally:
             for split, out in outs.items():
                 out.close()
@@ -544,7 +547,9 @@ class _Runner:
                         continue
                     yield from text
         except _READ_ERRORS as e:
-            raise _unreadable(job.file, e) from e if job.file is None else None
+            if job.file is None:
+                raise
+            raise _unreadable(job.file, e) from None
 
     def _take(self, piece: str, split: str, outs: dict, result: _Result) -> None:
         """A piece of normalised text: its characters noted (scan) or its ids written (encode)."""
