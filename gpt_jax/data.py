@@ -11,7 +11,7 @@ Random streams: every random draw of data is numpy's default generator seeded wi
 from __future__ import annotations
 
 import dataclasses
-import os
+import mmap
 
 import numpy as np
 
@@ -81,16 +81,20 @@ def random_windows(tokens: np.ndarray, step: int, seed: int, batch_size: int, bl
 
 
 def _windows(tokens: np.ndarray, starts_B: np.ndarray, length: int) -> np.ndarray:
-    """``tokens[s:s + length]`` for each start: [B, length]. A memory-mapped file is read with
-    ``os.pread``, not through its mapping: pages touched through a mapping stay in the process's
-    resident memory, which would grow towards the corpus size over a long run (nanoGPT re-creates its
-    memmap at every batch for that reason)."""
-    if not isinstance(tokens, np.memmap) or tokens.filename is None:
-        return np.asarray(tokens[starts_B[:, None] + np.arange(length)])
-    size = tokens.dtype.itemsize
-    with open(tokens.filename, "rb", buffering=0) as f:
-        data = b"".join(os.pread(f.fileno(), length * size, tokens.offset + int(s) * size) for s in starts_B)
-    return np.frombuffer(data, tokens.dtype).reshape(len(starts_B), length)
+    """``tokens[s:s + length]`` for each start: [B, length]. The pages a memory-mapped file's windows were
+    read through are handed back to the kernel at once: pages touched through a mapping stay in the
+    process's resident memory, which would grow towards the corpus size over a long run (nanoGPT
+    re-creates its memmap at every batch for that reason). The mapping itself stays, so a training keeps
+    reading the file it opened even when the corpus is prepared again meanwhile."""
+    window_BxL = np.array(tokens[starts_B[:, None] + np.arange(length)])
+    mapping = getattr(tokens, "_mmap", None)  # np.memmap's mmap object; None for a view or an array
+    if mapping is not None:
+        size, page = tokens.dtype.itemsize, mmap.PAGESIZE
+        base = tokens.offset % mmap.ALLOCATIONGRANULARITY  # where the array starts in the mapping
+        for s in starts_B.tolist():
+            first = (base + s * size) // page * page
+            mapping.madvise(mmap.MADV_DONTNEED, first, base + (s + length) * size - first)
+    return window_BxL
 
 
 def load_data(cfg: Config) -> TokenData:

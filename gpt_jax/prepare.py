@@ -45,9 +45,10 @@ import lzma
 import math
 import multiprocessing
 import os
-import re
 import sys
 import tarfile
+import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -76,13 +77,12 @@ TFDS_PREFIX = "tfds:"
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".tar": "tar", ".tgz": "tar"}
 COMPRESSIONS = {".gz": "gz", ".xz": "xz"}
 _PIECE_BYTES = 1 << 20  # text read and tokenised at a time
-_MAX_PIECE_BYTES = 64 << 20  # a piece with no clean place to cut is cut anyway, before an ASCII byte
+_MAX_PIECE_BYTES = 8 << 20  # a piece with no clean place to cut is cut anyway (see _cut_at)
 _FLUSH_TOKENS = 1 << 20  # ids a job buffers before writing them
 _JOB_BYTES = 16 << 20  # a single text file is cut into jobs of about this size
 _SMALL = 4 << 20  # a corpus read faster than worker processes start, unless num_proc is given
 _TFDS_JOB_EXAMPLES = 1024  # tfds examples handed to a worker at a time
 NEWLINE = b"\n"
-_CLEAN_CUT = re.compile(rb"[!-~]\n(?=[!-~])")
 
 
 def prepare(cfg: Config) -> token_cache.TokenFiles:
@@ -508,14 +508,16 @@ class _Runner:
 
     def _run(self, job: _Job, result: _Result, outs: dict[str, _Out]) -> None:
         for _, split, pieces in self._documents(job, result):
-            mark = outs[split].tokens
+            mark, seen = outs[split].tokens, _Result(job.index)
             try:
                 for piece in pieces:
-                    self._take(piece, split, outs, result)
+                    self._take(piece, split, outs, seen)
             except _BadDocument as e:
                 self._skip(e, result)
                 outs[split].rollback(mark)
                 continue
+            result.chars |= seen.chars
+            result.n_chars += seen.n_chars
             if self.s.single:
                 continue  # one text: no documents to separate
             if self.s.mode == "encode":
@@ -591,7 +593,7 @@ class _Runner:
     def _file_documents(self, name: str, kind: str, stream: BinaryIO
                         ) -> Iterator[tuple[str, str, Iterable[str]]]:
         if kind == "sniff":
-            kind = "tar" if _holds_tar(stream) else "txt"
+            kind, stream = _sniffed(stream)
         if kind == "txt":
             yield name, self._split_of(name), _pieces(stream, name, first=True)
         elif kind == "jsonl":
@@ -781,10 +783,29 @@ def _decompressed(stream: BinaryIO, compression: str) -> BinaryIO:
     return stream
 
 
-def _holds_tar(stream: BinaryIO) -> bool:
-    """Whether a stream (with ``peek``) starts with a tar header (POSIX "ustar" magic)."""
-    head = stream.peek(512)
-    return len(head) >= 262 and head[257:262] == b"ustar"
+def _sniffed(stream: BinaryIO) -> tuple[str, BinaryIO]:
+    """(``tar`` or ``txt``, the same bytes as a stream): a tar archive starts with a header whose POSIX
+    magic "ustar" is at offset 257."""
+    head = stream.read(512)
+    kind = "tar" if len(head) >= 262 and head[257:262] == b"ustar" else "txt"
+    return kind, io.BufferedReader(_Prefixed(head, stream), _PIECE_BYTES)
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: BinaryIO):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        return self.stream.readinto(buffer)
 
 
 def _pieces(stream: BinaryIO, name: str, first: bool, skip: collections.Counter | None = None,
@@ -832,18 +853,26 @@ def _utf8_lines(data: bytes, skip: collections.Counter) -> str:
 
 def _cut_at(data: bytes, old: int) -> int | None:
     """Where to end a piece of ``data`` (whose first ``old`` bytes were searched before): after its last
-    clean line end; None to read on; or, past ``_MAX_PIECE_BYTES``, before its last ASCII byte that is
-    not a line feed and does not follow a carriage return."""
+    clean line end (``_is_clean``); None to read on; or, past ``_MAX_PIECE_BYTES``, at a character
+    boundary, before an ASCII byte where there is one."""
     i = len(data) - 1
-    while (i := data.rfind(NEWLINE, max(0, old - 2), i)) > 0:  # usually the last line end is clean
-        if 0x21 <= data[i - 1] <= 0x7E and 0x21 <= data[i + 1] <= 0x7E:
+    while (i := data.rfind(NEWLINE, max(0, old - 8), i)) > 0:  # usually the last line end is clean
+        if _is_clean(data, i):
             return i + 1
     if len(data) < _MAX_PIECE_BYTES:
         return None
-    for i in range(len(data) - 1, 0, -1):
-        if data[i] < 0x80 and data[i - 1] != 0x0D and data[i] != 0x0A:
-            return i
-    return len(data)
+    starts = [j for j in range(len(data) - 1, max(0, len(data) - 4096), -1)
+              if data[j] & 0xC0 != 0x80 and data[j] != 0x0A and data[j - 1] != 0x0D]
+    return next((j for j in starts if data[j] < 0x80), starts[0] if starts else len(data))
+
+
+def _is_clean(data: bytes, i: int) -> bool:
+    """Whether the line feed ``data[i]`` (after an optional carriage return) sits between two characters
+    that are not white space: cut there, tokenising each side apart gives the ids of the whole (no
+    pre-tokenizer pattern of a BPE spans such a line end, and NFC composes nothing across it)."""
+    before = data[max(0, i - 5):i - 1 if data[i - 1:i] == b"\r" else i].decode("utf-8", "ignore")[-1:]
+    after = data[i + 1:i + 5].decode("utf-8", "ignore")[:1]
+    return bool(before) and bool(after) and not before.isspace() and not after.isspace()
 
 
 def _not_utf8(name: str, data: bytes, e: UnicodeDecodeError, first_line: int | None, fix: str) -> str:
@@ -960,9 +989,9 @@ class _Streamed(_Source):
         writer.info.update(tokens=tokens, documents=documents, skipped=dict(skipped))
         if skipped:
             counts = ", ".join(f"{reason}: {n:,}" for reason, n in skipped.most_common())
-            what = "lines" if self.single else "documents"
-            warnings.warn(f"skipped {sum(skipped.values()):,} {what} of {self.cfg.dataset} ({counts})",
-                          stacklevel=2)
+            n = sum(skipped.values())
+            what = ("line" if self.single else "document") + ("s" if n != 1 else "")
+            warnings.warn(f"skipped {n:,} {what} of {self.cfg.dataset} ({counts})", stacklevel=2)
         if not tokens["train"] + tokens["val"]:
             raise DataError(f"dataset {self.cfg.dataset} is empty"
                             + (" once what cannot be read is skipped" if skipped else "")
@@ -1005,11 +1034,13 @@ class _SingleText(_Streamed):
                 cut = None
                 while cut is None:
                     window = f.read(1 << 16)
-                    if not window:
+                    if len(window) < 8:
                         break
-                    match = _CLEAN_CUT.search(window)
-                    if match is not None:
-                        cut = f.tell() - len(window) + match.end()
+                    i = window.find(NEWLINE, 5)
+                    while cut is None and 0 < i < len(window) - 5:
+                        cut = f.tell() - len(window) + i + 1 if _is_clean(window, i) else None
+                        i = window.find(NEWLINE, i + 1)
+                    f.seek(-5, os.SEEK_CUR)
                 if cut is None:
                     break
                 bounds.append(cut)
@@ -1184,8 +1215,18 @@ _WORKER: _Runner | None = None
 
 
 def _start_worker(settings: _Settings, shared: Any) -> None:
+    """A worker's set-up: its runner, and a watch that ends it when the main process is gone (killed,
+    or stopped by a signal without shutting its workers down), since nothing else would."""
     global _WORKER
     _WORKER = _Runner(settings, _Counter(shared))
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _run_job(job: _Job) -> _Result:
@@ -1200,8 +1241,6 @@ _PROG = "python -m gpt_jax.prepare"
 
 def main(argv: list[str]) -> int:
     """``python -m gpt_jax.prepare [CONFIG] --key=value ...``: prepare the corpus a run would use."""
-    import time
-
     from gpt_jax.cli import parse_config_args
     from gpt_jax.config import make_config
 

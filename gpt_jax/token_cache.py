@@ -88,6 +88,7 @@ def open_or_build(cache: Path, splits: tuple[str, ...], build: Callable[[Writer]
     except _Damaged as e:
         problem = e if os.path.lexists(cache) else None
     with _build_lock(cache, str(problem or "")):
+        remove_dead_writers(cache.parent)  # a writer we waited for may have died
         try:
             return _open(cache, splits, sources)  # built by another process while we waited for the lock
         except _Damaged as e:

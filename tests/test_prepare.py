@@ -365,8 +365,7 @@ def test_batches_read_from_a_large_token_file_do_not_grow_resident_memory(tmp_pa
     from gpt_jax.data import random_windows
 
     path = tmp_path / "train.bin"
-    with open(path, "wb") as f:
-        f.truncate(400 << 20)  # 200 M tokens
+    (np.arange(100_000_000) % 60_000).astype(np.uint16).tofile(path)  # 200 MB
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
 
     def resident_mb() -> float:
@@ -374,7 +373,7 @@ def test_batches_read_from_a_large_token_file_do_not_grow_resident_memory(tmp_pa
 
     random_windows(tokens, 0, 0, 64, 256, 0)
     before = resident_mb()
-    for step in range(3000):  # touches about 190,000 pages through a mapping
+    for step in range(3000):  # would touch most of the file's 49,000 pages through the mapping
         random_windows(tokens, step, 0, 64, 256, 0)
     assert resident_mb() - before < 20
 
@@ -411,3 +410,29 @@ def test_a_bpe_smaller_than_asked_says_so(tmp_path):
     (tmp_path / "a.txt").write_text("ab ab ab\n" * 100)
     with pytest.warns(UserWarning, match=r"the BPE has \d+ tokens, not the 4,096 asked for"):
         load_data(make_config(dataset=str(tmp_path / "a.txt"), tokenizer="bpe", data_dir=str(tmp_path)))
+
+
+def test_windows_line_ends_and_text_without_ascii_are_cut_cleanly(tmp_path, monkeypatch):
+    """CRLF lines and CJK lines are cut between lines; a piece with no place to cut at all is cut at a
+    character boundary, never inside a character."""
+    monkeypatch.setattr(prepare, "_PIECE_BYTES", 64)
+    monkeypatch.setattr(prepare, "_MAX_PIECE_BYTES", 256)
+    bpe = _small_bpe()
+    tokyo = "東京は日本の首都です。"
+    for text in ("ab ab.\r\nabab 's\r\n" * 40, f"{tokyo}\n" * 40, tokyo * 40):
+        raw = text.encode()
+        pieces = list(prepare._pieces(io.BufferedReader(io.BytesIO(raw), 64), "t.txt", first=True))
+        assert len(pieces) > 5 and "".join(pieces) == normalize_text(text)
+        assert max(len(p.encode()) for p in pieces) <= 256 + 64
+        if "\n" in text:
+            whole = bpe.encode(normalize_text(text))
+            assert np.array_equal(np.concatenate([bpe.encode(p) for p in pieces]), whole)
+
+
+def test_a_bare_xz_or_gz_is_sniffed_as_an_archive_even_when_its_first_stream_is_short():
+    archive = tar_bytes({"a.txt": b"the text of a\n"})
+    for compression, compress in (("xz", lzma.compress), ("gz", gzip.compress)):
+        raw = compress(archive[:100]) + compress(archive[100:])
+        kind, stream = prepare._sniffed(prepare._decompressed(io.BytesIO(raw), compression))
+        assert kind == "tar" and stream.read() == archive
+        assert prepare._sniffed(io.BytesIO(b"plain text"))[0] == "txt"
