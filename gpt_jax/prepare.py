@@ -22,10 +22,10 @@ Documents go to validation by a hash of their name (``is_validation``), a determ
 ``val_fraction`` of them whatever the order or number of workers; each is followed by the tokenizer's
 end-of-text token where it has one. Text is normalised (``normalize_text``) before tokenising.
 
-Files are read in pieces (about 1 MiB, cut where a line ends between two printable ASCII characters, so
-a piece tokenises as it would inside the whole text), by ``num_proc`` worker processes, each writing the
-ids of its files to scratch files that are appended in order to ``train.bin`` / ``val.bin``: memory
-stays bounded whatever the corpus size. The token cache (``gpt_jax.token_cache``) publishes the files
+Files are read in pieces (about 1 MiB, cut at a line end between two characters that are not white
+space, so a piece tokenises as it would inside the whole text), by ``num_proc`` worker processes, each
+writing the ids of its files to scratch files that are appended in order to ``train.bin`` / ``val.bin``:
+memory stays bounded whatever the corpus size. The token cache (``gpt_jax.token_cache``) publishes the files
 with their manifest in one rename, and holds a lock so that one process prepares while the others wait.
 """
 
@@ -810,10 +810,10 @@ class _Prefixed(io.RawIOBase):
 
 def _pieces(stream: BinaryIO, name: str, first: bool, skip: collections.Counter | None = None,
             first_line: Callable[[], int] = lambda: 1) -> Iterator[str]:
-    """The stream's text in normalised pieces of about ``_PIECE_BYTES``, each cut after a line that ends
-    between two printable ASCII characters (so tokenising the pieces one by one gives the ids of the
-    whole text), or, when no such line comes for ``_MAX_PIECE_BYTES``, before an ASCII byte. ``first``:
-    the stream starts the text (a byte-order mark there is dropped).
+    """The stream's text in normalised pieces of about ``_PIECE_BYTES``, each cut after a clean line end
+    (``_is_clean``: tokenising the pieces one by one gives the ids of the whole text), or, when none comes
+    for ``_MAX_PIECE_BYTES``, at a character boundary (``_cut_at``). ``first``: the stream starts the text
+    (a byte-order mark there is dropped).
 
     Raises _BadDocument for bytes that are not UTF-8, naming the line (``first_line()`` is the number of
     the stream's first line, asked only then); with ``skip`` (one text, where a document is the whole
