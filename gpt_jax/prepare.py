@@ -495,11 +495,8 @@ class _Runner:
         result = _Result(job.index)
         outs = {split: _Out(Path(self.s.scratch) / f"{job.index}.{split}", self.dtype) for split in SPLITS}
         try:
-            self._run(job, result, outs)
-        except _READ_ERRORS as e:  # writing raises _Unwritable: these come from reading the source
-            if job.file is None:
-                raise
-            raise _unreadable(job.file, e) from None
+            with _reading(job):
+                self._run(job, result, outs)
         finally:
             for split, out in outs.items():
                 out.close()
@@ -507,7 +504,7 @@ class _Runner:
         return result
 
     def _run(self, job: _Job, result: _Result, outs: dict[str, _Out]) -> None:
-        for _, split, pieces in self._documents(job, result):
+        for split, pieces in self._documents(job, result):
             mark, seen = outs[split].tokens, _Result(job.index)
             try:
                 for piece in pieces:
@@ -539,8 +536,8 @@ class _Runner:
         """The normalised text of the job's training documents, bad ones skipped (or an error) as when
         encoding, up to ``limit`` characters of any one document."""
         result = _Result(job.index)
-        try:
-            for _, split, pieces in self._documents(job, result):
+        with _reading(job):
+            for split, pieces in self._documents(job, result):
                 if split == "train":
                     try:
                         text = list(_up_to(pieces, limit))
@@ -548,10 +545,6 @@ class _Runner:
                         self._skip(e, result)
                         continue
                     yield from text
-        except _READ_ERRORS as e:
-            if job.file is None:
-                raise
-            raise _unreadable(job.file, e) from None
 
     def _take(self, piece: str, split: str, outs: dict, result: _Result) -> None:
         """A piece of normalised text: its characters noted (scan) or its ids written (encode)."""
@@ -561,11 +554,11 @@ class _Runner:
         elif piece:
             outs[split].write(self.tokenizer.encode(piece))
 
-    def _documents(self, job: _Job, result: _Result) -> Iterator[tuple[str, str, Iterable[str]]]:
-        """(name, split, pieces of normalised text) of each document of the job."""
+    def _documents(self, job: _Job, result: _Result) -> Iterator[tuple[str, Iterable[str]]]:
+        """(split, pieces of normalised text) of each document of the job."""
         if job.file is None:
             for name, text in job.texts:
-                yield name, self._split_of(name), _example_text(text, name)
+                yield self._split_of(name), _example_text(text, name)
                 self.counter.add(1)
             return
         if self.s.single:
@@ -577,35 +570,35 @@ class _Runner:
     def _split_of(self, name: str) -> str:
         return "val" if is_validation(name, self.s.val_fraction) else "train"
 
-    def _single_text(self, job: _Job, result: _Result) -> Iterator[tuple[str, str, Iterable[str]]]:
+    def _single_text(self, job: _Job, result: _Result) -> Iterator[tuple[str, Iterable[str]]]:
         """A byte range of one text: its pieces up to ``job.cut`` characters to train, the rest to val."""
         with _opened(job.file, self.counter, job.start, job.stop) as stream:
             pieces = _pieces(stream, job.file.name, first=job.start == 0,
                              skip=result.skipped if self.s.errors == "skip" else None,
                              first_line=lambda: _line_of(job.file, job.start))
             if job.cut is None or self.s.mode == "scan":
-                yield job.file.name, "train", pieces
+                yield "train", pieces
                 return
             train, val = _cut_pieces(pieces, job.cut)
-            yield job.file.name, "train", train
-            yield job.file.name, "val", val
+            yield "train", train
+            yield "val", val
 
     def _file_documents(self, name: str, kind: str, stream: BinaryIO
-                        ) -> Iterator[tuple[str, str, Iterable[str]]]:
+                        ) -> Iterator[tuple[str, Iterable[str]]]:
         if kind == "sniff":
             kind, stream = _sniffed(stream)
         if kind == "txt":
-            yield name, self._split_of(name), _pieces(stream, name, first=True)
+            yield self._split_of(name), _pieces(stream, name, first=True)
         elif kind == "jsonl":
             for number, line in enumerate(stream, 1):
                 if line.strip():
                     document = f"{name}:{number}"
                     text = _json_text(line, name, number, self.s.text_field)
-                    yield document, self._split_of(document), text
+                    yield self._split_of(document), text
         else:
             yield from self._archive_documents(name, stream)
 
-    def _archive_documents(self, name: str, stream: BinaryIO) -> Iterator[tuple[str, str, Iterable[str]]]:
+    def _archive_documents(self, name: str, stream: BinaryIO) -> Iterator[tuple[str, Iterable[str]]]:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 kind = file_kind(member.name) if member.isfile() else None
@@ -766,6 +759,17 @@ def _opened(file: _File, counter: _Counter, start: int = 0, stop: int | None = N
 
 
 _READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, tarfile.TarError)
+
+
+@contextlib.contextmanager
+def _reading(job: _Job) -> Iterator[None]:
+    """Errors from reading a job's source file (writing raises _Unwritable) as its one-line DataError."""
+    try:
+        yield
+    except _READ_ERRORS as e:
+        if job.file is None:  # tfds examples were read by the main process: not a file's fault
+            raise
+        raise _unreadable(job.file, e) from None
 
 
 def _unreadable(file: _File, e: BaseException) -> DataError:
