@@ -1,4 +1,5 @@
-"""Sample from a trained model: ``python sample.py --out_dir=DIR [--start=TEXT|FILE:path] ...``.
+"""Sample from a trained model: ``python sample.py --out_dir=DIR [--start=TEXT|FILE:path] ...``, or from
+GPT-2's weights: ``python sample.py --init_from=gpt2`` (or a Hugging Face model folder).
 
 ``--interactive`` is the course's chat loop: type a prompt, get its completion; ``/help`` lists the
 commands, ``/quit`` or the end of input (Ctrl-D) ends it. Generation runs with a KV cache in compiled
@@ -37,8 +38,14 @@ printed; Ctrl-C stops at once"""
 
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="sample.py", allow_abbrev=False,
-                           description="Generate text from a checkpoint directory written by train.py.")
-    p.add_argument("--out_dir", required=True, help="the training run's out_dir (required)")
+                           description="Generate text from a checkpoint directory written by train.py, or "
+                                       "from GPT-2's weights.")
+    p.add_argument("--out_dir", default=None, help="the training run's out_dir (with --init_from=resume)")
+    p.add_argument("--init_from", default="resume",
+                   help="resume (the checkpoint in --out_dir), or GPT-2 weights: gpt2, gpt2-medium, "
+                        "gpt2-large, gpt2-xl or a Hugging Face model folder (default: resume)")
+    p.add_argument("--encoding_file", default="",
+                   help="GPT-2 weights without vocab.json: a local tiktoken ranks file (default: tiktoken's)")
     p.add_argument("--start", default=None,
                    help="the prompt, or FILE:path to read it from a UTF-8 file (default: '\\n')")
     p.add_argument("--num_samples", type=int, default=1, help="samples drawn in parallel (default: 1)")
@@ -160,7 +167,7 @@ def main(argv: list[str]) -> int:
     if stream and args.num_samples != 1:
         raise ConfigError("--stream prints one sample; use --num_samples=1")
 
-    params, cfg, tokenizer, _ = load_checkpoint(args.out_dir, args.step)
+    params, cfg, tokenizer = load_model(args)
     if args.start is None and not args.interactive and tokenizer.unknown(DEFAULT_START):
         raise TokenizerError("the default prompt, a newline, is not in this model's vocabulary (its "
                              "training text has no line breaks); give a prompt with --start=TEXT")
@@ -184,6 +191,21 @@ def main(argv: list[str]) -> int:
     print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s; "
           f"compile {compile_s:.1f} s excluded)", file=sys.stderr)
     return 0
+
+
+def load_model(args: argparse.Namespace) -> tuple:
+    """(params, config, tokenizer): the checkpoint of ``--out_dir``, or the weights ``--init_from`` names."""
+    if args.init_from == "resume":
+        if not args.out_dir:
+            raise ConfigError("give --out_dir=DIR (a run of train.py), or --init_from=gpt2 (or another GPT-2 "
+                              "name, or a Hugging Face model folder)")
+        return load_checkpoint(args.out_dir, args.step)[:3]
+    if args.out_dir or args.step is not None:
+        raise ConfigError(f"--init_from={args.init_from} samples from pretrained weights; drop --out_dir and "
+                          "--step (or drop --init_from to sample from the run)")
+    from gpt_jax.hf import load_pretrained
+
+    return load_pretrained(args.init_from, encoding_file=args.encoding_file)
 
 
 def encode_prompt(tokenizer, text: str, unknown: str) -> np.ndarray:

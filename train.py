@@ -1,7 +1,8 @@
 """Train a model: ``python train.py [configs/NAME.py] [--key=value ...]`` (nanoGPT's names).
 
 With no config file, the preset is ``shakespeare_char`` on an accelerator and
-``shakespeare_char_cpu`` without one. ``--help`` lists every key with its default.
+``shakespeare_char_cpu`` without one; with pretrained weights (``--init_from=gpt2``, another GPT-2 name
+or a Hugging Face model folder) it is ``finetune_shakespeare``. ``--help`` lists every key with its default.
 
 Exit codes: 0 done, or stopped by SIGTERM after saving a checkpoint; 130 stopped by Ctrl-C (the first
 saves a checkpoint, a second exits at once); 2 a problem with the input, said in one line.
@@ -12,9 +13,10 @@ from __future__ import annotations
 import logging
 
 from gpt_jax import cli
-from gpt_jax.config import default_preset, make_config
+from gpt_jax.config import default_preset, is_pretrained, make_config
 
-_DESCRIPTION = "Train a bigram or GPT language model."
+_DESCRIPTION = "Train a bigram or GPT language model, or fine-tune GPT-2."
+FINETUNE_PRESET = "finetune_shakespeare"  # the default preset of --init_from=gpt2 (or a model folder)
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +31,11 @@ def main(argv: list[str]) -> int:
 
     initialize_distributed(cfg.distributed if cfg else args.get("distributed", False))
     say = print if is_primary() else (lambda *a: None)
-    if cfg is None:
+    if cfg is None and is_pretrained(args.get("init_from", "scratch")):
+        preset = FINETUNE_PRESET
+        say(f"config: {preset} (default with pretrained weights; pass a config file to choose)")
+        cfg = make_config(preset, **args)
+    elif cfg is None:
         import jax
 
         preset = default_preset()

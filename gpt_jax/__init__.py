@@ -19,6 +19,7 @@ _MODULES = {
     "checkpoint": ("Checkpointer", "load_checkpoint"),
     "config": ("Config", "make_config"),
     "data": ("TokenData", "load_data"),
+    "hf": ("load_pretrained", "save_pretrained"),
     "errors": (
         "CheckpointError", "ConfigError", "DataError", "GenerationTooLargeError", "GptJaxError",
         "IncompatibleCheckpointError", "MissingDependencyError", "NoCheckpointError", "NonFiniteLossError",

@@ -92,8 +92,9 @@ class Config:
     eval_iters: int = _field(200, "batches per split in each evaluation")
     log_interval: int = _field(10, "steps between log lines")
     out_dir: str = _field("out", "directory for checkpoints and metrics.jsonl")
-    init_from: str = _field("scratch", "scratch, resume (the newest checkpoint in out_dir) or auto "
-                            "(resume if there is one)")
+    init_from: str = _field("scratch", "scratch, resume (the newest checkpoint in out_dir), auto (resume if "
+                            "there is one), or pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or "
+                            "a Hugging Face model folder")
     always_save_checkpoint: bool = _field(False, "save at every evaluation, not only when val loss improves")
     keep_checkpoints: int = _field(2, "newest checkpoints kept in out_dir")
     progress: bool = _field(True, "show a progress bar")
@@ -123,7 +124,6 @@ _CHOICES = {
     "norm_position": ("pre", "post"),
     "tokenizer": ("char", "byte", "bpe", "gpt2"),
     "errors": ("strict", "skip"),
-    "init_from": ("scratch", "resume", "auto"),
     "dtype": ("auto", "float32", "bfloat16"),
     "attention": ("auto", "xla", "cudnn", "pallas"),
 }
@@ -197,9 +197,9 @@ def _parse_literal(name: str, text: str, kind: type) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Return ``cfg`` if every value is possible, else raise ConfigError saying which and why."""
-    if str(cfg.init_from).startswith("gpt2"):
-        raise ConfigError(f"init_from={cfg.init_from}: loading GPT-2 weights is not available yet; "
-                          "init_from is scratch, resume or auto")
+    if not cfg.init_from:
+        raise ConfigError("init_from is empty; give scratch, resume, auto, gpt2 (or gpt2-medium, gpt2-large, "
+                          "gpt2-xl) or a Hugging Face model folder")
     if cfg.dtype == "float16":
         raise ConfigError("dtype=float16 is not offered: use auto (bfloat16 on GPU/TPU, which needs no "
                           "loss scaling) or float32")
@@ -299,10 +299,32 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return values
 
 
+INIT_FROM_RUNS = ("scratch", "resume", "auto")  # the init_from values that are not pretrained weights
+# What pretrained weights decide (hf.pretrained_config reads them from the weights' config.json).
+PRETRAINED_FIELDS = ("model", "n_layer", "n_head", "n_embd", "bias", "vocab_size", "pos_encoding",
+                     "norm_position", "tie_embeddings", "tokenizer")
+
+
+def is_pretrained(init_from: str) -> bool:
+    """Whether ``init_from`` names pretrained weights (a GPT-2 name or a model folder)."""
+    return init_from not in INIT_FROM_RUNS
+
+
 def make_config(preset: str | None = None, **overrides: Any) -> Config:
-    """A validated Config from an optional preset and keyword overrides (the notebook entry point)."""
+    """A validated Config from an optional preset and keyword overrides (the notebook entry point).
+
+    Raises ConfigError for a bad value, or for a field of PRETRAINED_FIELDS set next to a pretrained
+    ``init_from`` (the weights decide it).
+    """
     values = read_preset(preset) if preset else {}
     values.update({k: coerce(k, v) for k, v in overrides.items()})
+    fixed = [k for k in PRETRAINED_FIELDS if k in values]
+    if fixed and is_pretrained(values.get("init_from", "scratch")):
+        in_preset = [k for k in fixed if k not in overrides]
+        where = (f" ({preset} sets {', '.join(in_preset)}: use a preset without them, such as "
+                 "finetune_shakespeare)") if in_preset else ""
+        raise ConfigError(f"init_from={values['init_from']} takes {', '.join(fixed)} from the pretrained "
+                          f"weights; drop those settings{where}")
     return validate(Config(**values))
 
 

@@ -1251,6 +1251,9 @@ def main(argv: list[str]) -> int:
     preset, args = parse_config_args(_PROG, "Prepare (tokenise and cache) the corpus that train.py with "
                                      "the same options uses.", argv)
     cfg = make_config(preset, **args) if preset else make_config(**args)
+    from gpt_jax.hf import pretrained_config  # a fine-tuning run's tokenizer is the weights'
+
+    cfg = pretrained_config(cfg)
     start = time.perf_counter()
     files = prepare(cfg)
     counts = ", ".join(f"{name} {len(ids):,} tokens" for name, ids in files.splits.items())

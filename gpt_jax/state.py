@@ -81,6 +81,21 @@ def init_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
     return jax.jit(lambda: _fresh_state(cfg), out_shardings=state_shardings(cfg, mesh))()
 
 
+def state_from_params(cfg: Config, params: Any, mesh: Mesh | None = None) -> TrainState:
+    """A train state at step 0 that starts from ``params`` (pretrained weights, host arrays shaped as
+    ``init_params`` makes them) with a fresh optimizer state; with a mesh, laid out in its shardings
+    (each process gives the same full arrays and keeps its own shards)."""
+    def build(params: Any) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params))
+
+    if mesh is None:
+        return build(jax.tree_util.tree_map(jnp.asarray, params))
+    shardings = state_shardings(cfg, mesh)
+    params = jax.tree_util.tree_map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                                    params, shardings.params)
+    return jax.jit(build, out_shardings=shardings)(params)
+
+
 def abstract_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
     """Shapes and dtypes of the train state (``jax.ShapeDtypeStruct`` leaves), without computing it: a
     restore target. With a mesh the leaves carry their shardings there, so a checkpoint restores onto

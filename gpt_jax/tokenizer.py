@@ -148,7 +148,7 @@ _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 
 
 @functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
+def byte_level_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's): character -> the byte it stands for. Printable Latin-1
     bytes stand for themselves; the other 68 bytes, in order, for U+0100 onwards."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
@@ -421,7 +421,7 @@ class BpeTokenizer:
         in_order = all(a < b for a, b in itertools.pairwise([255, *made]))
         if not in_order:
             return None
-        to_byte = _byte_level_alphabet()
+        to_byte = byte_level_alphabet()
         ranks = {bytes(to_byte[c] for c in token): i for token, i in vocab.items()}
         return tiktoken.Encoding("gpt_jax_bpe", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
                                  special_tokens={EOT: self.eot_id})
@@ -476,18 +476,57 @@ GPT2_N_VOCAB = 50257  # 50,256 ranks and <|endoftext|>
 
 
 def read_ranks_file(path: str | os.PathLike) -> dict[bytes, int]:
-    """The ranks of a ``.tiktoken`` file: one ``<base64 token> <rank>`` per line, ranks 0..N-1, and
-    every single byte among the tokens (so no text is out of vocabulary). TokenizerError, one line,
-    naming the file (and line) otherwise.
+    """The ranks of a ``.tiktoken`` file (one ``<base64 token> <rank>`` per line) or of a Hugging Face
+    GPT-2 ``vocab.json`` (``read_vocab_json``): ranks 0..N-1, and every single byte among the tokens (so
+    no text is out of vocabulary). TokenizerError, one line, naming the file (and line) otherwise.
 
     The file is read directly (not through tiktoken's download cache, which keys files by path and would
     serve an old copy of a file that changed).
     """
     try:
         with open(path, "rb") as f:
-            lines = f.read().splitlines()
+            content = f.read()
     except OSError as e:
         raise TokenizerError(f"cannot read the encoding file {os.fspath(path)}: {e.strerror or e}") from None
+    json_vocab = os.fspath(path).endswith(".json")
+    ranks = read_vocab_json(path, content) if json_vocab else _read_tiktoken(path, content)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{os.fspath(path)}: the ranks are not 0..{len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{os.fspath(path)}: {len(missing)} single bytes have no rank (the first: "
+                             f"{missing[0]}); a byte-level encoding needs all 256")
+    return ranks
+
+
+def read_vocab_json(path: str | os.PathLike, content: bytes) -> dict[bytes, int]:
+    """The ranks of a byte-level BPE's ``vocab.json`` (GPT-2's ``encoder.json``): each token spelled in
+    the byte-level alphabet, its id as its rank; ``<|endoftext|>`` must be the last id. When a
+    ``merges.txt`` lies beside it, the ids must follow its order (then ranks and merges encode alike)."""
+    where = os.fspath(path)
+    try:
+        vocab = json.loads(content)
+        to_byte = byte_level_alphabet()
+        eot = vocab.pop(EOT, len(vocab))
+        ranks = {bytes(to_byte[c] for c in token): int(i) for token, i in vocab.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TokenizerError(f"{where} is not a byte-level BPE vocabulary (a JSON object of tokens spelled "
+                             f"in GPT-2's byte alphabet): {type(e).__name__}: {str(e)[:80]}") from None
+    if eot != len(ranks):
+        raise TokenizerError(f"{where}: {EOT} has id {eot}, but it must follow the {len(ranks)} other tokens")
+    merges_file = os.path.join(os.path.dirname(where), "merges.txt")
+    if os.path.isfile(merges_file):
+        with open(merges_file, encoding="utf-8") as f:
+            pairs = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#")]
+        made = [vocab.get(a + b, -1) for a, b in pairs]
+        if not all(a < b for a, b in itertools.pairwise([255, *made])):
+            raise TokenizerError(f"{where}: the ids do not follow the order of merges.txt; GPT-2's encoding "
+                                 "merges by id")
+    return ranks
+
+
+def _read_tiktoken(path: str | os.PathLike, content: bytes) -> dict[bytes, int]:
+    lines = content.splitlines()
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -498,12 +537,6 @@ def read_ranks_file(path: str | os.PathLike) -> dict[bytes, int]:
         except ValueError:
             raise TokenizerError(f"{os.fspath(path)}:{number}: not a '<base64 token> <rank>' line of a "
                                  f".tiktoken encoding file: {line[:60]!r}") from None
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError(f"{os.fspath(path)}: the ranks are not 0..{len(ranks) - 1}, each once")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise TokenizerError(f"{os.fspath(path)}: {len(missing)} single bytes have no rank (the first: "
-                             f"{missing[0]}); a byte-level encoding needs all 256")
     return ranks
 
 
@@ -512,9 +545,10 @@ class Gpt2Tokenizer:
 
     ``load()`` asks tiktoken for ``"gpt2"`` (downloaded once, then read from tiktoken's cache, the folder
     in ``$TIKTOKEN_CACHE_DIR``). Offline, ``load(encoding_file=...)`` reads the ranks from a local
-    ``.tiktoken`` file (write one where there is a network with ``write_encoding_file``). Any ranks file
-    in that format works, with GPT-2's pattern: end-of-text is then the id after the last rank (50256 for
-    GPT-2's own). In text, ``<|endoftext|>`` is plain text (``encode`` never produces the end-of-text id).
+    ``.tiktoken`` file (write one where there is a network with ``write_encoding_file``) or a GPT-2
+    model folder's ``vocab.json``. Any ranks in those formats work, with GPT-2's pattern: end-of-text is
+    then the id after the last rank (50256 for GPT-2's own). In text, ``<|endoftext|>`` is plain text
+    (``encode`` never produces the end-of-text id).
     """
 
     kind: ClassVar[str] = "gpt2"
@@ -560,9 +594,13 @@ class Gpt2Tokenizer:
                 from None
         return cls(encoding, encoding_file=path, sha256=_sha256(path))
 
+    def ranks(self) -> dict[bytes, int]:
+        """The encoding's mergeable ranks: token bytes -> id (every id but end-of-text)."""
+        return dict(self._enc._mergeable_ranks)
+
     def write_encoding_file(self, path: str | os.PathLike) -> None:
         """Write this encoding's ranks to ``path`` in the ``.tiktoken`` format (for ``load`` offline)."""
-        ranks = sorted(self._enc._mergeable_ranks.items(), key=lambda item: item[1])
+        ranks = sorted(self.ranks().items(), key=lambda item: item[1])
         with open(path, "wb") as f:
             f.writelines(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks)
 

@@ -35,14 +35,22 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm  # plain text bars: tqdm.auto wants ipywidgets in a notebook
 
-from gpt_jax import sharding
+from gpt_jax import hf, sharding
 from gpt_jax.checkpoint import Checkpointer, checkpoint_dir, complete_steps, make_metadata, resume_changes
-from gpt_jax.config import Config, validate
+from gpt_jax.config import Config, is_pretrained, validate
 from gpt_jax.data import TokenData, load_data
 from gpt_jax.errors import CheckpointError, ConfigError, NoCheckpointError, NonFiniteLossError
 from gpt_jax.model import loss_fn
 from gpt_jax.runlock import RunLock, prepare_out_dir
-from gpt_jax.state import TrainState, abstract_state, init_state, lr_schedule, make_optimizer, state_shardings
+from gpt_jax.state import (
+    TrainState,
+    abstract_state,
+    init_state,
+    lr_schedule,
+    make_optimizer,
+    state_from_params,
+    state_shardings,
+)
 from gpt_jax.xla_options import compiler_options
 
 
@@ -188,7 +196,10 @@ def check_memory(cfg: Config, mesh: Mesh) -> None:
 def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None] | None = None,
           mesh: Mesh | None = None, exit_on_second_interrupt: bool = False) -> TrainResult:
     """Train ``cfg`` from scratch, or continue ``out_dir``'s newest checkpoint (``init_from="resume"``,
-    or ``"auto"``: resume if there is one); returns the final state.
+    or ``"auto"``: resume if there is one), or fine-tune pretrained weights (``init_from="gpt2"``, another
+    GPT-2 name or a model folder: ``hf.pretrained_config`` takes the architecture from them; a run whose
+    ``out_dir`` already holds checkpoints continues them, so the same command resumes it); returns the
+    final state.
 
     ``mesh``: the devices to train on (default: all of them, over all processes). With several
     processes every one calls ``train``; only process 0 logs and writes metrics.
@@ -203,7 +214,10 @@ def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None]
         sharding.initialize_distributed(cfg.distributed)
         mesh = mesh or sharding.make_mesh()
         sharding.check_batch(cfg, mesh)
+        cfg = hf.pretrained_config(cfg)
         cfg, data = _setup_everywhere(cfg, data)
+        if is_pretrained(cfg.init_from):
+            hf.check_data_tokenizer(cfg, data.tokenizer)
         check_memory(cfg, mesh)
         primary = sharding.is_primary()
         log = (log or (lambda msg: tqdm.write(msg))) if primary else (lambda msg: None)
@@ -301,6 +315,9 @@ def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log, mesh: 
                 f"{ckpt.directory.parent} already holds checkpoints (steps {ckpt.steps()}); continue them "
                 "with --init_from=resume (or auto), or choose another --out_dir")
         return init_state(cfg, mesh), math.inf, False
+    if is_pretrained(cfg.init_from) and not ckpt.steps():
+        log(f"starting from the weights of {cfg.init_from}")
+        return state_from_params(cfg, hf.pretrained_params(cfg), mesh), math.inf, False
     changes: list[str] = []
 
     def target_for(meta: dict[str, Any]) -> TrainState:

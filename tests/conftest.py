@@ -18,7 +18,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout
 
 
 def pytest_configure(config):
-    """One JAX compilation cache per test run, shared by the xdist workers and every subprocess.
+    """One JAX compilation cache per test run, shared by the xdist workers and every subprocess; no
+    Hugging Face downloads.
 
     Many tests compile the same small programs (the tiny model's steps, the CLIs' subprocesses); the
     cache makes the second and later compiles cheap. Set here, in the controlling process, before any
@@ -29,6 +30,9 @@ def pytest_configure(config):
     config._jax_cache = tempfile.mkdtemp(prefix="gpt_jax-test-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jax_cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # Tests never reach the network, and never see the GPT-2 models a developer downloaded.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_CACHE"] = os.path.join(config._jax_cache, "empty-hugging-face-cache")
 
 
 def pytest_unconfigure(config):

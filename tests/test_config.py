@@ -23,7 +23,8 @@ def test_presets_hold_nanogpts_recipes():
 
 def test_every_preset_is_valid():
     names = presets()
-    assert {"bigram", "shakespeare_char", "shakespeare_char_cpu", "course_gpt"} == set(names)
+    assert {"bigram", "shakespeare_char", "shakespeare_char_cpu", "course_gpt",
+            "finetune_shakespeare"} == set(names)
     for name in names:
         make_config(name)
 
