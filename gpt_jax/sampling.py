@@ -8,8 +8,9 @@ through the same compiled code (the prompt length is an argument, not a constant
 with rows that stop at once to the size of the largest, then the rows are put back in input order.
 
 How a row is produced. The prompt (at most ``block_size`` = W tokens; longer ones keep their last W)
-is prefilled in one call, then each new token is one step of a loop: sample from the last logits,
-append the token, compute the next logits. The model sees a *context* of the most recent tokens,
+is prefilled (in chunks of ``PREFILL_CHUNK`` tokens, as many as it needs, so a short prompt costs
+little), then each new token is one step of a loop: sample from the last logits, append the token,
+compute the next logits. The model sees a *context* of the most recent tokens,
 never more than W, at positions 0..:
 
 - while the context holds fewer than W tokens, the new token is appended to it: one cached step, its
@@ -152,38 +153,52 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float,
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+PREFILL_CHUNK = 64  # prompt tokens one prefill step computes (the cached path)
+
+
 # --- the two ways of computing the next logits ----------------------------------------------------
 # Each is (start, advance): start(params, buf, prompt_len) -> (logits_RxV, ctx) with the prompt at
 # columns 0..prompt_len-1; advance(params, buf, t, base, token_R, ctx) -> (logits_RxV, ctx), after the
-# token of sequence index t was written into buf at column t - base.
+# token of sequence index t was written into buf at column t - base. The cached path's advance is a
+# pair, (append, refill): append while the cache has room, refill when it is full. The loop chooses
+# between them outside the step (a branch on the cache inside every step would copy the whole cache
+# at every step, as XLA's conditionals do).
 
 
 def _cached(cfg: Config, keep: int):
     W = cfg.block_size
 
     def start(params, buf_RxL, prompt_len):
-        # One prefill over a fixed [R, W] window, whatever the prompt's length, so that prompts of
-        # any length share one compiled loop. Keys and values past the prompt are garbage that no
-        # query sees: each later step overwrites its position before attending to it.
-        R = buf_RxL.shape[0]
-        logits_RxWxV, cache = cached_logits_fn(params, cfg, buf_RxL[:, :W], init_cache(cfg, R))
-        cache = {**cache, "pos": prompt_len}
-        return jax.lax.dynamic_index_in_dim(logits_RxWxV, prompt_len - 1, 1, keepdims=False), cache
+        # The prompt goes through in chunks of P tokens, as many as it needs (a loop of dynamic length:
+        # one compiled program serves prompts of any length, at a cost in proportion to the length).
+        # A last chunk that would pass the window starts earlier: positions computed again get the
+        # same keys and values. Keys and values past the prompt are garbage that no query sees: each
+        # later step overwrites its position before attending to it.
+        R, P = buf_RxL.shape[0], min(PREFILL_CHUNK, W)
 
-    def advance(params, buf_RxL, t, base, token_R, cache):
-        def append(cache):
-            logits_Rx1xV, cache = cached_logits_fn(params, cfg, token_R[:, None], cache)
-            return logits_Rx1xV[:, 0], cache
+        def prefill(c, carry):
+            _, cache = carry
+            first = jnp.minimum(c * P, W - P)
+            chunk_RxP = jax.lax.dynamic_slice_in_dim(buf_RxL, first, P, axis=1)
+            logits_RxPxV, cache = cached_logits_fn(params, cfg, chunk_RxP, {**cache, "pos": first})
+            last = jnp.clip(prompt_len - 1 - first, 0, P - 1)
+            logits_RxV = jax.lax.dynamic_index_in_dim(logits_RxPxV, last, 1, keepdims=False)
+            return logits_RxV.astype(jnp.float32), cache
 
-        def refill(cache):
-            context_RxK = jax.lax.dynamic_slice_in_dim(buf_RxL, t + 1 - keep - base, keep, axis=1)
-            fresh = init_cache(cfg, buf_RxL.shape[0])
-            logits_RxKxV, cache = cached_logits_fn(params, cfg, context_RxK, fresh)
-            return logits_RxKxV[:, -1], cache
+        empty = (jnp.zeros((R, cfg.vocab_size), jnp.float32), init_cache(cfg, R))
+        logits_RxV, cache = jax.lax.fori_loop(0, (prompt_len + P - 1) // P, prefill, empty)
+        return logits_RxV, {**cache, "pos": prompt_len}
 
-        return jax.lax.cond(cache["pos"] < W, append, refill, cache)
+    def append(params, buf_RxL, t, base, token_R, cache):
+        logits_Rx1xV, cache = cached_logits_fn(params, cfg, token_R[:, None], cache)
+        return logits_Rx1xV[:, 0], cache
 
-    return start, advance
+    def refill(params, buf_RxL, t, base, token_R, cache):
+        context_RxK = jax.lax.dynamic_slice_in_dim(buf_RxL, t + 1 - keep - base, keep, axis=1)
+        logits_RxKxV, cache = cached_logits_fn(params, cfg, context_RxK, init_cache(cfg, buf_RxL.shape[0]))
+        return logits_RxKxV[:, -1], cache
+
+    return start, (append, refill)
 
 
 def _recompute(cfg: Config, keep: int):
@@ -253,7 +268,7 @@ def _chunk(params, state: _State, key: jax.Array, samples_R: jax.Array, rows_R: 
     state = _forget_old_tokens(state, _history(cfg, loop))
     R, C, i0 = state.buf_RxL.shape[0], loop.chunk, state.i
 
-    def step(carry):
+    def step(carry, advance=advance):
         s, new_RxC, logprobs_RxC = carry
         t, column = s.prompt_len + s.i, s.prompt_len + s.i - s.base
         token_R = _sample_rows(s.logits_RxV, keys_R, s.i, loop)
@@ -274,8 +289,15 @@ def _chunk(params, state: _State, key: jax.Array, samples_R: jax.Array, rows_R: 
         return ((s.i - i0 < C) & (s.i < max_new) & jnp.any(s.lengths_R > s.i)
                 & ~_nonfinite_logits(s))
 
+    def window(carry):
+        """Cached steps while the cache has room, then (still running) one step that refills it."""
+        append, refill = advance
+        has_room = lambda carry: running(carry) & (carry[0].ctx["pos"] < cfg.block_size)  # noqa: E731
+        carry = jax.lax.while_loop(has_room, functools.partial(step, advance=append), carry)
+        return jax.lax.cond(running(carry), functools.partial(step, advance=refill), lambda c: c, carry)
+
     carry = (state, jnp.zeros((R, C), jnp.int32), jnp.zeros((R, C), jnp.float32))
-    state, new_RxC, logprobs_RxC = jax.lax.while_loop(running, step, carry)
+    state, new_RxC, logprobs_RxC = jax.lax.while_loop(running, window if cached else step, carry)
     return state, new_RxC, logprobs_RxC, _nonfinite_logits(state)
 
 

@@ -143,6 +143,20 @@ def test_prompts_of_different_lengths_come_back_in_input_order(params):
     assert same(batch, joined(alone))
 
 
+def test_a_prompt_prefilled_in_several_chunks_gives_the_reference(params, monkeypatch):
+    """Prompts go through the cache PREFILL_CHUNK tokens at a time; with chunks of 3 in a window of 8,
+    prompts take one, two or three chunks, the last one moved back to end inside the window."""
+    from gpt_jax import sampling
+
+    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 3)
+    cfg = make_config(**BASE, seed=3)  # a config of its own: compiled afresh, with the patched chunk
+    prompts = [[1], [1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 0, 1, 2, 3], [2, 3, 4, 5, 6, 7, 8, 9],
+               [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]]
+    kwargs = dict(temperature=0.9, num_samples=2)
+    assert same(generate(params, cfg, prompts, KEY, 12, **kwargs),
+                generate_reference(params, cfg, prompts, KEY, 12, **kwargs))
+
+
 def test_batches_cached_equal_recomputed(params):
     prompts = [[1, 2, 3], [4], [5, 6, 7], [8, 9, 10, 0, 1, 2, 3, 4, 5, 6]]  # the last one longer than W
     kwargs = dict(temperature=0.9, num_samples=2)
