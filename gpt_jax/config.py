@@ -92,9 +92,8 @@ class Config:
     eval_iters: int = _field(200, "batches per split in each evaluation")
     log_interval: int = _field(10, "steps between log lines")
     out_dir: str = _field("out", "directory for checkpoints and metrics.jsonl")
-    init_from: str = _field("scratch", "scratch, resume (the newest checkpoint in out_dir), auto (resume if "
-                            "there is one), or pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or "
-                            "a Hugging Face model folder")
+    init_from: str = _field("scratch", "scratch, resume, auto (resume if there is one), "
+                            "gpt2(-medium, -large, -xl) or a model folder")
     always_save_checkpoint: bool = _field(False, "save at every evaluation, not only when val loss improves")
     keep_checkpoints: int = _field(2, "newest checkpoints kept in out_dir")
     progress: bool = _field(True, "show a progress bar")

@@ -4,9 +4,11 @@ logits and ours agree, our exports load in transformers with our logits, import 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,7 +21,7 @@ import transformers
 from safetensors.numpy import load_file
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from conftest import TINY
+from conftest import ROOT, TINY
 from gpt_jax import hf
 from gpt_jax.config import Config, make_config
 from gpt_jax.errors import ConfigError
@@ -86,7 +88,11 @@ def test_imported_gpt2_gives_the_reference_logits(gpt2_folder):
     ours = np.asarray(logits_fn(params, cfg, tokens))
     assert ours.shape == (2, 64, VOCAB_SIZE)
     np.testing.assert_allclose(ours, torch_logits(model, tokens), atol=TOLERANCE, rtol=0)
-    # The same weights in the scanned layout, and with a shorter context (the position table cropped).
+    # The same weights in the scanned layout (as training lays them out with scan_layers), and with a
+    # shorter context (the position table cropped).
+    scanned = dataclasses.replace(cfg, scan_layers=True)
+    np.testing.assert_allclose(np.asarray(logits_fn(hf.pretrained_params(scanned), scanned, tokens)), ours,
+                               atol=1e-5, rtol=0)
     short_params, short, _ = hf.load_pretrained(str(folder), block_size=16)
     assert short_params["wpe"].shape == (16, 64)
     np.testing.assert_allclose(np.asarray(logits_fn(short_params, short, tokens[:, :16])),
@@ -161,23 +167,21 @@ def test_import_then_export_round_trips_the_weights_and_tokenizer_bitwise(gpt2_f
     assert reloaded.encode(text) == tokenizer.encode(text).tolist()
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_an_exported_gpt_jax_model_gives_our_logits_and_greedy_text_in_transformers(tmp_path, tie):
+def test_an_untied_gpt_jax_model_with_the_gpt2_tokenizer_exports_with_our_logits(tmp_path):
     cfg = make_config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB_SIZE,
-                      tokenizer="gpt2", bias=False, tie_embeddings=tie, dropout=0.0)
+                      tokenizer="gpt2", bias=True, tie_embeddings=False, dropout=0.0)
     params = _perturbed(init_params(cfg, jax.random.PRNGKey(3)))
+    assert params["lm_head"]["kernel"].shape == (32, 320)  # padded to a multiple of 64
     tokenizer = _small_gpt2_tokenizer(tmp_path)
     dest = hf.save_pretrained(params, cfg, tokenizer, tmp_path / "out")
     model = transformers.GPT2LMHeadModel.from_pretrained(dest).eval()
     tokens = random_tokens((2, 32), seed=1)
     np.testing.assert_allclose(torch_logits(model, tokens), np.asarray(logits_fn(params, cfg, tokens)),
                                atol=TOLERANCE, rtol=0)
-    prompt = tokens[0, :5]
-    ours = generate(params, cfg, prompt, jax.random.PRNGKey(0), max_new_tokens=12, temperature=0.0)
-    with torch.no_grad():
-        theirs = model.generate(torch.as_tensor(prompt[None], dtype=torch.long), max_new_tokens=12,
-                                do_sample=False, pad_token_id=tokenizer.eot_id)
-    assert theirs[0, 5:].tolist() == ours.tokens[0].tolist()
+    back, back_cfg, _ = hf.load_pretrained(str(dest))  # the same model (the padding rows are zeros)
+    assert not back_cfg.tie_embeddings
+    for name, array in hf.weights_from_params(params, cfg).items():
+        np.testing.assert_array_equal(hf.weights_from_params(back, back_cfg)[name], array)
 
 
 def merge_lines(path: Path) -> list[str]:
@@ -202,8 +206,8 @@ def _small_gpt2_tokenizer(tmp_path):
 
 
 def test_trained_gpt_jax_run_exports_from_the_command_line(tiny_cfg, tmp_path, capsys):
-    """A tiny char model trained a few steps: export writes a folder transformers loads with our logits,
-    and an .npz of the params; a model with no GPT-2 form is refused with its reasons, nothing written."""
+    """A tiny char model trained a few steps (no biases): export writes a folder transformers loads with
+    our logits and greedy continuation, which load_pretrained reads back; and an .npz of the params."""
     from gpt_jax import export
     from gpt_jax.checkpoint import load_checkpoint
     from gpt_jax.training import train
@@ -217,6 +221,12 @@ def test_trained_gpt_jax_run_exports_from_the_command_line(tiny_cfg, tmp_path, c
     tokens = random_tokens((2, cfg.block_size), cfg.vocab_size, seed=2)
     np.testing.assert_allclose(torch_logits(model, tokens), np.asarray(logits_fn(params, cfg, tokens)),
                                atol=TOLERANCE, rtol=0)
+    prompt = tokens[0, :5]
+    ours = generate(params, cfg, prompt, jax.random.PRNGKey(0), max_new_tokens=12, temperature=0.0)
+    with torch.no_grad():
+        theirs = model.generate(torch.as_tensor(prompt[None], dtype=torch.long), max_new_tokens=12,
+                                min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert theirs[0, 5:].tolist() == ours.tokens[0].tolist()  # the same greedy continuation
     back, back_cfg, back_tokenizer = hf.load_pretrained(str(tmp_path / "hf"))
     assert back_tokenizer == tokenizer and back_cfg.vocab_size == cfg.vocab_size
     np.testing.assert_allclose(np.asarray(logits_fn(back, back_cfg, tokens)),
@@ -288,6 +298,12 @@ def test_gpt2_names_come_from_the_hugging_face_cache_or_fail_saying_how_to_get_t
     tokens = random_tokens((1, 64), seed=3)
     np.testing.assert_allclose(np.asarray(logits_fn(params, cfg, tokens)), torch_logits(model, tokens),
                                atol=TOLERANCE, rtol=0)
+    # The README's example, with this small model standing in for GPT-2.
+    readme = (ROOT / "README.md").read_text().split("## GPT-2 and Hugging Face", 1)[1].split("\n## ", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec("import gpt_jax\n" + re.search(r"```python\n(.*?)```", readme, re.S).group(1), namespace)
+    assert namespace["model"].config.n_layer == 2
 
 
 @pytest.mark.slow
