@@ -24,7 +24,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from conftest import ROOT, TINY
 from gpt_jax import hf
 from gpt_jax.config import Config, make_config
-from gpt_jax.errors import ConfigError
+from gpt_jax.errors import ConfigError, IncompatibleCheckpointError
 from gpt_jax.model import init_params, logits_fn
 from gpt_jax.sampling import generate
 
@@ -331,6 +331,8 @@ def test_finetune_preset_runs_resumes_exactly_and_samples(gpt2_folder, shakespea
     split = dict(small, out_dir=str(tmp_path / "split"))
     train(make_config("finetune_shakespeare", **{**split, "max_iters": 2}))
     train(make_config("finetune_shakespeare", **split))  # the same command again: continues step 2
+    with pytest.raises(IncompatibleCheckpointError, match=f"continue it with --init_from={folder}"):
+        train(make_config("finetune_shakespeare", **{**split, "init_from": "resume", "max_iters": 6}))
     a, _, _, _ = load_checkpoint(straight.out_dir)
     b, _, _, _ = load_checkpoint(split["out_dir"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
