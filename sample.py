@@ -200,6 +200,9 @@ def load_model(args: argparse.Namespace) -> tuple:
             raise ConfigError("give --out_dir=DIR (a run of train.py), or --init_from=gpt2 (or another GPT-2 "
                               "name, or a Hugging Face model folder)")
         return load_checkpoint(args.out_dir, args.step)[:3]
+    if args.init_from in ("scratch", "auto"):
+        raise ConfigError(f"sample.py --init_from takes resume (a run in --out_dir) or pretrained weights "
+                          f"(gpt2, ..., or a model folder), not {args.init_from}")
     if args.out_dir or args.step is not None:
         raise ConfigError(f"--init_from={args.init_from} samples from pretrained weights; drop --out_dir and "
                           "--step (or drop --init_from to sample from the run)")

@@ -21,9 +21,9 @@ def build_parser() -> cli.ArgumentParser:
                                        "folder or an .npz of its arrays.")
     p.add_argument("--out_dir", required=True, help="the training run's out_dir (required)")
     p.add_argument("--to", required=True, help="the folder (hf) or file (npz) to write; must not exist")
-    p.add_argument("--format", choices=("hf", "npz"), default="hf",
+    p.add_argument("--format", choices=("hf", "npz"), default=None,
                    help="hf: config.json, model.safetensors and tokenizer files; npz: the params "
-                        "(default: hf)")
+                        "(default: npz when --to ends in .npz, else hf)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     return p
 
@@ -36,9 +36,13 @@ def main(argv: list[str]) -> int:
     params, cfg, tokenizer, meta = load_checkpoint(args.out_dir, args.step)
     dest = save_pretrained(params, cfg, tokenizer, args.to, args.format)
     step = meta["metrics"].get("step", "?")
-    what = "a Hugging Face GPT-2 model folder" if args.format == "hf" else "an .npz of the params"
+    folder = dest.is_dir()
+    what = "a Hugging Face GPT-2 model folder" if folder else "an .npz of the params"
     print(f"wrote {what} of {args.out_dir} (step {step}, {tokenizer.kind} tokenizer) to {dest}",
           file=sys.stderr)
+    if folder and tokenizer.kind in ("char", "byte"):
+        print(f"note: transformers has no tokenizer for a {tokenizer.kind} vocabulary; encode text with "
+              f"gpt_jax (gpt_jax.load_pretrained('{dest}') returns it)", file=sys.stderr)
     return 0
 
 

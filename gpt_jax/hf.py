@@ -25,6 +25,9 @@ or downloaded into it when there is a network.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import errno
+import glob
 import itertools
 import json
 import os
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt_jax.config import FIELDS, PRETRAINED_FIELDS, Config, expand, is_pretrained, validate
+from gpt_jax.config import FIELDS, INIT_FROM_RUNS, PRETRAINED_FIELDS, Config, expand, is_pretrained, validate
 from gpt_jax.errors import ConfigError, TokenizerError
 from gpt_jax.tokenizer import (
     EOT,
@@ -73,6 +76,9 @@ def model_dir(name_or_path: str) -> Path:
     Raises ConfigError, one line, for a path that is no model folder, or a name that is neither on disk
     nor downloadable (saying how to get it).
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ConfigError(f"init_from must be a GPT-2 name or a folder, got {name_or_path!r}")
+    name_or_path = os.fspath(name_or_path)
     path = expand(name_or_path)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
@@ -84,8 +90,10 @@ def model_dir(name_or_path: str) -> Path:
     if path.exists():
         raise ConfigError(f"init_from={name_or_path} is a file; give the folder that holds {CONFIG_FILE} and "
                           "the weights")
-    raise ConfigError(f"init_from={name_or_path!r} is not scratch, resume, auto, a GPT-2 name "
-                      f"({', '.join(GPT2_MODELS)}) or a Hugging Face model folder (no such folder)")
+    close = difflib.get_close_matches(name_or_path, [*INIT_FROM_RUNS, *GPT2_MODELS], n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"init_from={name_or_path!r} is no folder and no GPT-2 name; {hint}give scratch, "
+                      f"resume, auto, {', '.join(GPT2_MODELS)} or a Hugging Face model folder")
 
 
 def hub_cache_dir() -> Path:
@@ -143,11 +151,15 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise ConfigError(f"{path} is not a JSON object")
     get = hf.get  # absent keys take GPT2Config's defaults, as transformers does
-    try:
-        n_layer, n_head, n_embd = int(get("n_layer", 12)), int(get("n_head", 12)), int(get("n_embd", 768))
-        n_positions, vocab_size = int(get("n_positions", 1024)), int(get("vocab_size", GPT2_N_VOCAB))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: a size is not an integer ({e})") from None
+    sizes = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": GPT2_N_VOCAB}
+    sizes = {name: get(name, default) for name, default in sizes.items()}
+    for name, value in sizes.items():
+        if type(value) is not int or value <= 0:
+            raise ConfigError(f"{path}: {name} must be a positive integer, got {value!r}")
+    if type(get("tie_word_embeddings", True)) is not bool:
+        raise ConfigError(f"{path}: tie_word_embeddings must be true or false, got "
+                          f"{get('tie_word_embeddings')!r}")
+    n_layer, n_head, n_embd, n_positions, vocab_size = sizes.values()
     problems = []
     if get("model_type") != "gpt2":
         problems.append(f"model_type is {get('model_type')!r}, not 'gpt2'")
@@ -200,14 +212,15 @@ def _tokenizer_fields(directory: Path, vocab_size: int, encoding_file: str) -> d
     description, else GPT-2's encoding from its ``vocab.json`` (or, with GPT-2's vocabulary size and no
     such file, tiktoken's or ``encoding_file``)."""
     if (directory / TOKENIZER_FILE).is_file():
-        return {"tokenizer": _read_json(directory / TOKENIZER_FILE).get("kind", "char")}
-    if (directory / "vocab.json").is_file():
-        return {"tokenizer": "gpt2", "encoding_file": str(directory / "vocab.json")}
+        return {"tokenizer": _our_tokenizer(directory).kind}
+    for name in ("vocab.json", "tokenizer.json"):  # the second is what transformers 5 saves alone
+        if (directory / name).is_file():
+            return {"tokenizer": "gpt2", "encoding_file": str(directory / name)}
     if vocab_size == GPT2_N_VOCAB:
         return {"tokenizer": "gpt2", "encoding_file": encoding_file}
-    raise ConfigError(f"{directory} has no tokenizer files (vocab.json and merges.txt) and its vocabulary "
-                      f"({vocab_size} ids) is not GPT-2's; save the tokenizer beside the model "
-                      "(tokenizer.save_pretrained(FOLDER))")
+    raise ConfigError(f"{directory} has no tokenizer files (vocab.json and merges.txt, or tokenizer.json) "
+                      f"and its vocabulary ({vocab_size} ids) is not GPT-2's; save the tokenizer beside the "
+                      "model (tokenizer.save_pretrained(FOLDER))")
 
 
 def pretrained_tokenizer(cfg: Config) -> Tokenizer:
@@ -215,7 +228,7 @@ def pretrained_tokenizer(cfg: Config) -> Tokenizer:
     encoding. Raises TokenizerError when its size is not the model's vocab_size."""
     directory = model_dir(cfg.init_from)
     if (directory / TOKENIZER_FILE).is_file():
-        tokenizer = tokenizer_from_json(_read_json(directory / TOKENIZER_FILE))
+        tokenizer = _our_tokenizer(directory)
     else:
         tokenizer = Gpt2Tokenizer.load(cfg.encoding_file or None)
     if tokenizer.vocab_size != cfg.vocab_size:
@@ -237,8 +250,17 @@ def pretrained_params(cfg: Config) -> dict:
     (stacked when ``scan_layers``)."""
     from gpt_jax.model import stack_layers
 
-    params = params_from_weights(read_weights(model_dir(cfg.init_from)), cfg)
+    directory = model_dir(cfg.init_from)
+    params = params_from_weights(read_weights(directory), cfg, read_hf_config(directory)["n_positions"])
     return stack_layers(params, cfg) if cfg.scan_layers else params
+
+
+def _our_tokenizer(directory: Path) -> Tokenizer:
+    """The tokenizer described by the folder's gpt_jax_tokenizer.json; ConfigError if it is broken."""
+    try:
+        return tokenizer_from_json(_read_json(directory / TOKENIZER_FILE))
+    except TokenizerError as e:
+        raise ConfigError(f"{directory / TOKENIZER_FILE}: {e}") from None
 
 
 def _read_json(path: Path) -> Any:
@@ -256,8 +278,11 @@ def _weights_files(directory: Path) -> list[Path]:
     if (directory / SAFETENSORS_FILE).is_file():
         return [directory / SAFETENSORS_FILE]
     if (directory / SAFETENSORS_INDEX).is_file():
-        shards = sorted(set(_read_json(directory / SAFETENSORS_INDEX).get("weight_map", {}).values()))
-        return [directory / s for s in shards]
+        index = _read_json(directory / SAFETENSORS_INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ConfigError(f"{directory / SAFETENSORS_INDEX} has no weight_map of array names to files")
+        return [directory / shard for shard in sorted(set(weight_map.values()))]
     if (directory / TORCH_FILE).is_file():
         return [directory / TORCH_FILE]
     return []
@@ -334,9 +359,13 @@ class _TorchUnpickler(pickle.Unpickler):
 
     @staticmethod
     def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *args) -> np.ndarray:
-        item = storage.itemsize
+        numbers = [offset, *size, *stride]
+        if (not all(type(n) is int and n >= 0 for n in numbers) or len(size) != len(stride)
+                or (all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+                    >= storage.size)):
+            raise pickle.UnpicklingError(f"a tensor of size {size} lies outside its storage")
         view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                               strides=tuple(s * item for s in stride))
+                                               strides=tuple(s * storage.itemsize for s in stride))
         return np.array(view)
 
 
@@ -358,67 +387,72 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(state)
 
 
-def params_from_weights(weights: dict[str, np.ndarray], cfg: Config) -> dict:
+def params_from_weights(weights: dict[str, np.ndarray], cfg: Config, n_positions: int) -> dict:
     """Our params pytree (float32 numpy, unrolled layers) from GPT-2 ``weights`` (``read_weights``) for
-    ``cfg`` (a ``pretrained_config``): the embedding padded with zero rows to ``padded_vocab_size``, the
-    position table cut to ``block_size``. Raises ConfigError naming a missing, unexpected or misshapen
-    array."""
+    ``cfg`` (a ``pretrained_config``) and the ``n_positions`` of its config.json: the embedding padded
+    with zero rows to ``padded_vocab_size``, the position table cut to ``block_size``. Raises ConfigError
+    naming a missing, unexpected or misshapen array."""
     from gpt_jax.model import padded_vocab_size
 
     named = {name.removeprefix("transformer."): w for name, w in weights.items()
              if not name.endswith(_BUFFERS)}
-    lm_head = named.pop("lm_head.weight", None)
+    D, V = cfg.n_embd, cfg.vocab_size
 
-    def take(name: str) -> np.ndarray:
+    def take(name: str, *shape: int) -> np.ndarray:
         if name not in named:
             raise ConfigError(f"the weights have no {name!r}: not a GPT-2 model of this config")
-        return np.asarray(named.pop(name), dtype=np.float32)
+        array = named.pop(name)
+        if tuple(array.shape) != shape:
+            raise ConfigError(f"the weights' {name} has shape {tuple(array.shape)}, but config.json's sizes "
+                              f"make it {shape}")
+        return np.asarray(array, dtype=np.float32)
 
-    def rows(table: np.ndarray, n: int) -> np.ndarray:
-        return np.concatenate([table, np.zeros((n - table.shape[0], table.shape[1]), np.float32)])
+    def rows(table: np.ndarray) -> np.ndarray:  # the padded vocabulary
+        return np.concatenate([table, np.zeros((padded_vocab_size(cfg) - V, D), np.float32)])
 
     def norm(name: str) -> dict:
-        return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
+        return {"scale": take(f"{name}.weight", D), "bias": take(f"{name}.bias", D)}
 
-    def dense(name: str) -> dict:
-        return {"kernel": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
+    def dense(name: str, n_in: int, n_out: int) -> dict:
+        return {"kernel": take(f"{name}.weight", n_in, n_out), "bias": take(f"{name}.bias", n_out)}
 
-    padded = padded_vocab_size(cfg)
-    params = {"wte": rows(take("wte.weight"), padded), "wpe": take("wpe.weight")[:cfg.block_size]}
+    wte = take("wte.weight", V, D)
+    params = {"wte": rows(wte), "wpe": take("wpe.weight", n_positions, D)[:cfg.block_size]}
     for i in range(cfg.n_layer):
         h = f"h.{i}"
         params[f"h_{i}"] = {
             "ln_1": norm(f"{h}.ln_1"), "ln_2": norm(f"{h}.ln_2"),
-            "attn": {"c_attn": dense(f"{h}.attn.c_attn"), "c_proj": dense(f"{h}.attn.c_proj")},
-            "mlp": {"c_fc": dense(f"{h}.mlp.c_fc"), "c_proj": dense(f"{h}.mlp.c_proj")}}
+            "attn": {"c_attn": dense(f"{h}.attn.c_attn", D, 3 * D),
+                     "c_proj": dense(f"{h}.attn.c_proj", D, D)},
+            "mlp": {"c_fc": dense(f"{h}.mlp.c_fc", D, 4 * D), "c_proj": dense(f"{h}.mlp.c_proj", 4 * D, D)}}
     params["ln_f"] = norm("ln_f")
     if not cfg.tie_embeddings:
-        if lm_head is None:
+        if "lm_head.weight" not in named:
             raise ConfigError("the weights have no 'lm_head.weight', but config.json unties it "
                               "(tie_word_embeddings is false)")
-        params["lm_head"] = {"kernel": rows(np.asarray(lm_head, np.float32), padded).T.copy()}
+        params["lm_head"] = {"kernel": rows(take("lm_head.weight", V, D)).T.copy()}
+    elif "lm_head.weight" in named and not np.array_equal(take("lm_head.weight", V, D), wte):
+        raise ConfigError("the weights' lm_head.weight differs from wte, but config.json ties them "
+                          "(tie_word_embeddings is true); set it to false")
     if named:
         raise ConfigError(f"the weights hold arrays a GPT-2 of {cfg.n_layer} layers has not: "
                           f"{', '.join(sorted(named)[:5])}")
-    _check_shapes(params, cfg)
     return params
 
 
-def _check_shapes(params: dict, cfg: Config) -> None:
+def _check_params(params: dict, cfg: Config) -> None:
+    """ConfigError unless ``params`` (either layout) has the arrays and shapes ``cfg``'s model has."""
     import jax
 
     from gpt_jax.model import init_params
 
-    expected = jax.eval_shape(lambda: init_params(dataclasses.replace(cfg, scan_layers=False),
-                                                  jax.random.PRNGKey(0)))
-    for path, want in jax.tree_util.tree_leaves_with_path(expected):
-        got = params
-        for key in path:
-            got = got[key.key]
-        if got.shape != want.shape:
-            name = "/".join(k.key for k in path)
-            raise ConfigError(f"the weights' {name} has shape {got.shape}, but config.json's sizes make it "
-                              f"{want.shape}")
+    expected = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    got = jax.tree_util.tree_map(np.shape, params)
+    want = jax.tree_util.tree_map(lambda x: x.shape, expected)
+    if got != want:
+        raise ConfigError(f"the params do not fit the config ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
+                          f"vocab_size {cfg.vocab_size}, scan_layers {cfg.scan_layers}): give the config "
+                          "they were made with")
 
 
 def weights_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
@@ -474,12 +508,14 @@ def load_pretrained(name_or_path: str, *, block_size: int | None = None, dropout
     """
     import jax
 
+    if block_size is not None and (type(block_size) is not int or block_size <= 0):
+        raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
     directory = model_dir(name_or_path)
     n_positions = read_hf_config(directory)["n_positions"]
     cfg = pretrained_config(Config(init_from=str(name_or_path), block_size=block_size or n_positions,
                                    dropout=dropout, encoding_file=encoding_file))
     tokenizer = pretrained_tokenizer(cfg)
-    params = params_from_weights(read_weights(directory), cfg)
+    params = params_from_weights(read_weights(directory), cfg, n_positions)
     return jax.device_put(params), cfg, tokenizer
 
 
@@ -508,47 +544,93 @@ def hf_config(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def save_pretrained(params: dict, cfg: Config, tokenizer: Tokenizer, dest: str | os.PathLike,
-           format: str = "hf") -> Path:
+                    format: str | None = None) -> Path:
     """Write the model to ``dest`` and return its path.
 
     ``format="hf"``: a Hugging Face GPT-2 model folder (``config.json``, ``model.safetensors``, and the
     tokenizer: ``vocab.json``/``merges.txt`` for GPT-2's, ``tokenizer.json`` for a trained BPE, and always
     our own description), which ``transformers.GPT2LMHeadModel.from_pretrained(dest)`` loads and
-    ``load_pretrained(dest)`` reads back. ``format="npz"``: our params (unrolled) in one ``.npz``, keyed
-    by their path (``h_0/attn/c_attn/kernel``). Written beside ``dest`` and renamed into place, so a
-    failure leaves nothing half-written.
+    ``load_pretrained(dest)`` reads back. ``format="npz"``: our params (unrolled, the embedding with its
+    padding rows) in one ``.npz``, keyed by their path (``h_0/attn/c_attn/kernel``). ``None``: npz when
+    ``dest`` ends in ``.npz``, else hf. Written beside ``dest`` and renamed into place, so a failure
+    leaves nothing half-written (and the leftovers of a killed export are removed by the next one).
 
-    Raises ConfigError when ``dest`` exists, or (``hf``) listing why the model has no GPT-2 form.
+    Raises ConfigError when ``dest`` exists or cannot be written, when the params do not fit ``cfg``,
+    or (``hf``) listing why the model has no GPT-2 form.
     """
     from gpt_jax.model import unstack_layers
 
-    dest = expand(str(dest))
-    if dest.exists():
-        raise ConfigError(f"{dest} already exists; choose another --to or remove it first")
+    if not isinstance(dest, (str, os.PathLike)):
+        raise ConfigError(f"the destination must be a path, got {dest!r}")
+    dest = expand(os.fspath(dest))
+    format = format or ("npz" if dest.suffix == ".npz" else "hf")
     if format not in ("hf", "npz"):
         raise ConfigError(f"format must be hf or npz, got {format!r}")
+    if format == "hf" and dest.suffix == ".npz":
+        raise ConfigError(f"{dest} names an .npz file, but the format is hf (a folder); use format npz")
+    if dest.exists() or dest.is_symlink():
+        raise ConfigError(f"{dest} already exists; choose another destination or remove it first")
     problems = export_problems(cfg) if format == "hf" else []
     if problems:
         raise ConfigError(f"this model has no GPT-2 form: {'; '.join(problems)}; export it with --format=npz")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _check_params(params, cfg)
     try:
-        if format == "npz":
-            import jax
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a name too long
+        raise ConfigError(f"cannot write {dest}: {e.strerror or e}; choose another destination") from None
+    try:
+        _remove_stale_temporaries(dest)
+        tmp = dest.with_name(f".{dest.name}{_TMP_MARK}{os.getpid()}")
+        try:
+            if format == "npz":
+                import jax
 
-            flat = jax.tree_util.tree_leaves_with_path(unstack_layers(params, cfg))
-            with open(tmp, "wb") as f:
-                np.savez(f, **{"/".join(k.key for k in path): np.asarray(x, np.float32) for path, x in flat})
-        else:
-            _write_hf_folder(tmp, params, cfg, tokenizer)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+                flat = jax.tree_util.tree_leaves_with_path(unstack_layers(params, cfg))
+                arrays = {"/".join(k.key for k in path): np.asarray(x, np.float32) for path, x in flat}
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+                os.link(tmp, dest)  # fails, rather than replaces, when dest appeared meanwhile
+            else:
+                _write_hf_folder(tmp, params, cfg, tokenizer)
+                os.rename(tmp, dest)
+        finally:
+            _remove(tmp)
+    except FileExistsError:
+        raise ConfigError(f"{dest} already exists; choose another destination or remove it first") from None
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise ConfigError(f"{dest} already exists; choose another destination or remove it first") \
+                from None
+        raise ConfigError(f"cannot write {dest}: {e.strerror or e}; choose another destination") from None
     return dest
+
+
+_TMP_MARK = ".tmp-"  # an export in progress: .<dest name>.tmp-<pid> beside its destination
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _remove_stale_temporaries(dest: Path) -> None:
+    """Remove what exports to ``dest`` killed before they finished left beside it (their process is gone)."""
+    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}{_TMP_MARK}*"):
+        pid = leftover.name.rsplit(_TMP_MARK, 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(leftover)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_hf_folder(folder: Path, params: dict, cfg: Config, tokenizer: Tokenizer) -> None:
@@ -557,6 +639,7 @@ def _write_hf_folder(folder: Path, params: dict, cfg: Config, tokenizer: Tokeniz
     folder.mkdir()
     _write_json(folder / CONFIG_FILE, hf_config(cfg, tokenizer))
     save_file(weights_from_params(params, cfg), folder / SAFETENSORS_FILE, metadata={"format": "pt"})
+    shutil.copymode(folder / CONFIG_FILE, folder / SAFETENSORS_FILE)  # safetensors writes it owner-only
     _write_json(folder / TOKENIZER_FILE, tokenizer.to_json())
     if tokenizer.kind == "gpt2":
         _write_gpt2_tokenizer(folder, tokenizer, cfg.block_size)

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -490,39 +491,72 @@ def read_ranks_file(path: str | os.PathLike) -> dict[bytes, int]:
         raise TokenizerError(f"cannot read the encoding file {os.fspath(path)}: {e.strerror or e}") from None
     json_vocab = os.fspath(path).endswith(".json")
     ranks = read_vocab_json(path, content) if json_vocab else _read_tiktoken(path, content)
+    return _checked_ranks(os.fspath(path), ranks)
+
+
+def _checked_ranks(where: str, ranks: dict[bytes, int]) -> dict[bytes, int]:
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError(f"{os.fspath(path)}: the ranks are not 0..{len(ranks) - 1}, each once")
+        raise TokenizerError(f"{where}: the ranks are not 0..{len(ranks) - 1}, each once")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise TokenizerError(f"{os.fspath(path)}: {len(missing)} single bytes have no rank (the first: "
+        raise TokenizerError(f"{where}: {len(missing)} single bytes have no rank (the first: "
                              f"{missing[0]}); a byte-level encoding needs all 256")
     return ranks
 
 
+def _ranks_text(ranks: dict[bytes, int]) -> bytes:
+    """Ranks in the ``.tiktoken`` format: ``<base64 token> <rank>`` per line, in rank order."""
+    ordered = sorted(ranks.items(), key=lambda item: item[1])
+    return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ordered)
+
+
 def read_vocab_json(path: str | os.PathLike, content: bytes) -> dict[bytes, int]:
-    """The ranks of a byte-level BPE's ``vocab.json`` (GPT-2's ``encoder.json``): each token spelled in
-    the byte-level alphabet, its id as its rank; ``<|endoftext|>`` must be the last id. When a
-    ``merges.txt`` lies beside it, the ids must follow its order (then ranks and merges encode alike)."""
+    """The ranks of a byte-level BPE's ``vocab.json`` (GPT-2's ``encoder.json``; its ``merges.txt``
+    beside it) or of a Hugging Face ``tokenizer.json`` of a BPE: each token spelled in the byte-level
+    alphabet, its id as its rank; ``<|endoftext|>`` must be the last id, and the ids must follow the
+    order of the merges (then ranks and merges encode alike)."""
     where = os.fspath(path)
     try:
-        vocab = json.loads(content)
+        data = json.loads(content)
+        if isinstance(data.get("model"), dict):  # tokenizer.json
+            if data["model"].get("type") != "BPE":
+                raise TokenizerError(f"{where} is a {data['model'].get('type')} tokenizer, not a BPE")
+            vocab = dict(data["model"]["vocab"])
+            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+            merges = [m.split(" ") if isinstance(m, str) else m for m in data["model"].get("merges", [])]
+        else:
+            vocab, merges = data, _merges_beside(where)
         to_byte = byte_level_alphabet()
         eot = vocab.pop(EOT, len(vocab))
         ranks = {bytes(to_byte[c] for c in token): int(i) for token, i in vocab.items()}
+        made = [vocab.get(a + b, -1) for a, b in merges]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise TokenizerError(f"{where} is not a byte-level BPE vocabulary (a JSON object of tokens spelled "
                              f"in GPT-2's byte alphabet): {type(e).__name__}: {str(e)[:80]}") from None
     if eot != len(ranks):
-        raise TokenizerError(f"{where}: {EOT} has id {eot}, but it must follow the {len(ranks)} other tokens")
-    merges_file = os.path.join(os.path.dirname(where), "merges.txt")
-    if os.path.isfile(merges_file):
-        with open(merges_file, encoding="utf-8") as f:
-            pairs = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#")]
-        made = [vocab.get(a + b, -1) for a, b in pairs]
-        if not all(a < b for a, b in itertools.pairwise([255, *made])):
-            raise TokenizerError(f"{where}: the ids do not follow the order of merges.txt; GPT-2's encoding "
-                                 "merges by id")
+        raise TokenizerError(f"{where}: {EOT} has id {eot}, but GPT-2's layout puts it last, after the "
+                             f"{len(ranks)} other tokens (train the BPE without special tokens, then add it)")
+    if not all(a < b for a, b in itertools.pairwise([255, *made])):
+        raise TokenizerError(f"{where}: the ids do not follow the order of the merges; GPT-2's encoding "
+                             "merges by id")
     return ranks
+
+
+def _merges_beside(vocab_file: str) -> list[list[str]]:
+    """The merges of the ``merges.txt`` beside a ``vocab.json`` (none when there is no such file)."""
+    merges_file = os.path.join(os.path.dirname(vocab_file), "merges.txt")
+    if not os.path.isfile(merges_file):
+        return []
+    try:
+        with open(merges_file, encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line and not line.startswith("#")]
+        pairs = [line.split(" ") for line in lines]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read {merges_file}: {type(e).__name__}: {str(e)[:80]}") from None
+    if any(len(pair) != 2 for pair in pairs):
+        raise TokenizerError(f"{merges_file} is not a merges file (two tokens, space-separated, on each "
+                             "line)")
+    return pairs
 
 
 def _read_tiktoken(path: str | os.PathLike, content: bytes) -> dict[bytes, int]:
@@ -553,11 +587,11 @@ class Gpt2Tokenizer:
 
     kind: ClassVar[str] = "gpt2"
 
-    def __init__(self, encoding: Any, encoding_file: str | None = None, sha256: str | None = None):
-        """``encoding``: a ``tiktoken.Encoding`` with ``<|endoftext|>`` (use ``load``/``from_json``)."""
+    def __init__(self, encoding: Any, encoding_file: str | None = None):
+        """``encoding``: a ``tiktoken.Encoding`` with ``<|endoftext|>`` (use ``load``/``from_json``);
+        ``encoding_file``: where its ranks came from (None: tiktoken's own ``"gpt2"``)."""
         self._enc = encoding
         self.encoding_file = encoding_file
-        self._sha256 = sha256
         self.vocab_size: int = encoding.n_vocab
         self.eot_id: int = encoding.eot_token
 
@@ -581,18 +615,26 @@ class Gpt2Tokenizer:
             raise TokenizerError(f"the encoding file {path} does not exist; put GPT-2's ranks (a .tiktoken "
                                  "file, see Gpt2Tokenizer.write_encoding_file) there or pass its path with "
                                  "--encoding_file=PATH")
-        ranks = read_ranks_file(path)
+        return cls.from_ranks(read_ranks_file(path), path)
+
+    @classmethod
+    def from_ranks(cls, ranks: dict[bytes, int], source: str) -> Gpt2Tokenizer:
+        """The encoding of ``ranks`` (checked: 0..N-1, every byte) with GPT-2's pattern; end-of-text is
+        id N. ``source`` names where they came from, for messages. Raises TokenizerError."""
+        import tiktoken
+
+        ranks = _checked_ranks(source, ranks)
         eot_id = len(ranks)
         n_vocab = eot_id + 1
         try:
             encoding = tiktoken.Encoding(
-                os.path.basename(path), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                os.path.basename(source), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                 special_tokens={EOT: eot_id},
                 explicit_n_vocab=n_vocab if n_vocab == GPT2_N_VOCAB else None)
         except Exception as e:
-            raise TokenizerError(f"{path}: tiktoken cannot build an encoding from it: {str(e)[:160]}") \
+            raise TokenizerError(f"{source}: tiktoken cannot build an encoding from it: {str(e)[:160]}") \
                 from None
-        return cls(encoding, encoding_file=path, sha256=_sha256(path))
+        return cls(encoding, encoding_file=source)
 
     def ranks(self) -> dict[bytes, int]:
         """The encoding's mergeable ranks: token bytes -> id (every id but end-of-text)."""
@@ -600,9 +642,8 @@ class Gpt2Tokenizer:
 
     def write_encoding_file(self, path: str | os.PathLike) -> None:
         """Write this encoding's ranks to ``path`` in the ``.tiktoken`` format (for ``load`` offline)."""
-        ranks = sorted(self.ranks().items(), key=lambda item: item[1])
         with open(path, "wb") as f:
-            f.writelines(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks)
+            f.write(_ranks_text(self.ranks()))
 
     def normalize(self, text: str) -> str:
         return normalize_text(text)
@@ -625,16 +666,25 @@ class Gpt2Tokenizer:
                          for i in range(self.vocab_size)], dtype=np.int32)
 
     def to_json(self) -> dict[str, Any]:
-        data = {"kind": "gpt2", "normalization": "nfc", "encoding_file": self.encoding_file,
-                "n_vocab": self.vocab_size}
-        if self._sha256:
-            data["sha256"] = self._sha256
-        return data
+        """tiktoken's own encoding by name; ranks read from a file by content (zlib-compressed, base64,
+        with their sha256), so that a checkpoint or an export needs no file, and two copies of one file
+        describe the same tokenizer."""
+        data = {"kind": "gpt2", "normalization": "nfc", "n_vocab": self.vocab_size}
+        return data if self.encoding_file is None else {**data, **self._packed_ranks}
+
+    @functools.cached_property
+    def _packed_ranks(self) -> dict[str, str]:
+        text = _ranks_text(self.ranks())
+        return {"sha256": hashlib.sha256(text).hexdigest(),
+                "ranks": base64.b64encode(zlib.compress(text, 9)).decode("ascii")}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Gpt2Tokenizer:
-        """The encoding again (tiktoken's, or the same file: TokenizerError if it is gone or changed)."""
+        """The encoding again: from the ranks it carries, or tiktoken's; descriptions written before the
+        ranks were carried name their file (TokenizerError if it is gone or changed)."""
         _json_kind(data, "gpt2")
+        if "ranks" in data:
+            return cls._unpack(data)
         encoding_file = data.get("encoding_file")
         if encoding_file is not None and not isinstance(encoding_file, str):
             raise TokenizerError(f"the GPT-2 description's encoding_file is not a path: "
@@ -643,15 +693,30 @@ class Gpt2Tokenizer:
         if data.get("n_vocab", tok.vocab_size) != tok.vocab_size:
             raise TokenizerError(f"the encoding has {tok.vocab_size} ids but the saved tokenizer had "
                                  f"{data['n_vocab']}")
-        if data.get("sha256") and tok._sha256 and data["sha256"] != tok._sha256:
+        if data.get("sha256") and encoding_file and data["sha256"] != _sha256(encoding_file):
             raise TokenizerError(f"the encoding file {encoding_file} changed since the tokenizer was saved")
+        return tok
+
+    @classmethod
+    def _unpack(cls, data: dict[str, Any]) -> Gpt2Tokenizer:
+        try:
+            text = zlib.decompress(base64.b64decode(data["ranks"], validate=True))
+        except (TypeError, ValueError, zlib.error):
+            raise TokenizerError("the GPT-2 description's ranks cannot be read (not base64 of zlib data)") \
+                from None
+        if data.get("sha256") != hashlib.sha256(text).hexdigest():
+            raise TokenizerError("the GPT-2 description's ranks do not match their sha256: it was edited")
+        tok = cls.from_ranks(_read_tiktoken("the saved ranks", text), "the saved ranks")
+        if data.get("n_vocab", tok.vocab_size) != tok.vocab_size:
+            raise TokenizerError(f"the saved ranks make {tok.vocab_size} ids but the description says "
+                                 f"{data['n_vocab']}")
         return tok
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Gpt2Tokenizer) and self.to_json() == other.to_json()
 
     def __hash__(self) -> int:
-        return hash((self.encoding_file, self.vocab_size, self._sha256))
+        return hash((self.vocab_size, self.to_json().get("sha256")))
 
     def __reduce__(self):  # worker processes load it again from its description
         return tokenizer_from_json, (self.to_json(),)

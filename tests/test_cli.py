@@ -160,7 +160,7 @@ BAD_INPUTS = {
     "GPT-2 never downloaded": ("train.py", lambda T, R: ["--init_from=gpt2"],
                                "gpt2 is not in the Hugging Face cache"),
     "init_from mistyped": ("train.py", lambda T, R: ["--init_from=resum"],
-                           "init_from='resum' is not scratch, resume, auto, a GPT-2 name"),
+                           "init_from='resum' is no folder and no GPT-2 name; did you mean resume?"),
     "GPT-2 with other sizes": ("train.py", lambda T, R: ["--init_from=gpt2", "--n_layer=3"],
                                "init_from=gpt2 takes n_layer from the pretrained weights"),
     "negative seed": ("train.py", lambda T, R: [*_tiny(T, "seed"), "--seed=-1"],

@@ -24,7 +24,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from conftest import ROOT, TINY
 from gpt_jax import hf
 from gpt_jax.config import Config, make_config
-from gpt_jax.errors import ConfigError, IncompatibleCheckpointError
+from gpt_jax.errors import ConfigError, GptJaxError, IncompatibleCheckpointError
 from gpt_jax.model import init_params, logits_fn
 from gpt_jax.sampling import generate
 
@@ -286,7 +286,7 @@ def test_gpt2_names_come_from_the_hugging_face_cache_or_fail_saying_how_to_get_t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="gpt2-medium is not in the Hugging Face cache .*snapshot_download"):
         hf.load_pretrained("gpt2-medium")
-    with pytest.raises(ConfigError, match="not scratch, resume, auto, a GPT-2 name"):
+    with pytest.raises(ConfigError, match="is no folder and no GPT-2 name; give scratch"):
         hf.model_dir(str(tmp_path / "no-such-model"))
     # The cache's layout: models--ORG--NAME/snapshots/REVISION/, refs/main naming the revision.
     repo = tmp_path / "hub" / "models--openai-community--gpt2"
@@ -355,3 +355,134 @@ def test_hf_config_describes_gpt2():
     assert (reference.n_layer, reference.n_embd, reference.n_positions) == (cfg.n_layer, cfg.n_embd,
                                                                              cfg.block_size)
     assert reference.activation_function == "gelu_new" and reference.layer_norm_epsilon == 1e-5
+
+
+def _damaged_copy(folder: Path, tmp_path: Path, damage) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(folder, copy)
+    damage(copy)
+    return copy
+
+
+def _edit_weights(edit):
+    def damage(copy: Path):
+        from safetensors.numpy import save_file
+
+        weights = load_file(copy / "model.safetensors")
+        edit(weights)
+        save_file(weights, copy / "model.safetensors")
+    return damage
+
+
+def _edit_config(**values):
+    def damage(copy: Path):
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, **values}))
+    return damage
+
+
+def _set_array(name: str, array_or_cut):
+    def edit(weights):
+        key = f"transformer.{name}"
+        weights[key] = array_or_cut(weights[key]) if callable(array_or_cut) else array_or_cut
+    return _edit_weights(edit)
+
+
+def _replace_in(file: str, old: str, new: str):
+    return lambda copy: (copy / file).write_text((copy / file).read_text().replace(old, new))
+
+
+def _eot_first(copy: Path):
+    vocab = json.loads((copy / "vocab.json").read_text())
+    others = {k: v + 1 for k, v in vocab.items() if k != "<|endoftext|>"}
+    (copy / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, **others}))
+
+
+def _index_as_a_list(copy: Path):
+    (copy / "model.safetensors").unlink()
+    (copy / "model.safetensors.index.json").write_text("[1, 2]")
+
+
+DAMAGE = {
+    "embedding rows": (_set_array("wte.weight", lambda w: w[:-10]),
+                       r"wte.weight has shape \(257, 64\), but config.json's sizes make it \(267, 64\)"),
+    "position rows": (_set_array("wpe.weight", np.zeros((100, 64), np.float32)),
+                      r"wpe.weight has shape \(100, 64\)"),
+    "a 1-D embedding": (_set_array("wte.weight", np.zeros(64, np.float32)), r"wte.weight has shape \(64,\)"),
+    "an extra array": (_set_array("h.9.mlp.c_fc.weight", np.zeros(1, np.float32)),
+                       "arrays a GPT-2 of 2 layers has not: h.9.mlp.c_fc.weight"),
+    "a fractional size": (_edit_config(n_layer=2.7), "n_layer must be a positive integer, got 2.7"),
+    "an infinite size": (_replace_in("config.json", '"n_layer": 2', '"n_layer": 1e400'),
+                         "n_layer must be a positive integer"),
+    "tie as a string": (_edit_config(tie_word_embeddings="false"),
+                        "tie_word_embeddings must be true or false"),
+    "a list for an index": (_index_as_a_list, "has no weight_map of array names to files"),
+    "merges not pairs": (_replace_in("merges.txt", "Ġ t", "Ġ t x"), "is not a merges file"),
+    "end-of-text first": (_eot_first, "GPT-2's layout puts it last"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_model_folder_is_refused_in_one_line(gpt2_folder, tmp_path, case):
+    folder, _ = gpt2_folder
+    damage, message = DAMAGE[case]
+    with pytest.raises(GptJaxError, match=message) as error:
+        hf.load_pretrained(str(_damaged_copy(folder, tmp_path, damage)))
+    assert "\n" not in str(error.value)
+
+
+def test_a_pytorch_tensor_outside_its_storage_is_refused_before_any_read(gpt2_folder, tmp_path):
+    """A crafted file whose tensor claims more elements than its storage holds (reading it would read
+    other memory, or crash)."""
+    folder, _ = gpt2_folder
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    pkl = next(name for name in entries if name.endswith("data.pkl"))
+    entries[pkl] = entries[pkl].replace(b"K\x04\x85", b"M\x00\x10\x85")  # size (4,) -> (4096,)
+    assert entries[pkl] != zipfile.ZipFile(path).read(pkl)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    with pytest.raises(ConfigError, match=r"lies outside its storage"):
+        hf.read_weights(_folder_with_bin(folder, tmp_path, path))
+
+
+def _folder_with_bin(folder: Path, tmp_path: Path, weights: Path) -> Path:
+    target = tmp_path / "bin-folder"
+    target.mkdir()
+    shutil.copy(folder / "config.json", target)
+    shutil.copy(weights, target / "pytorch_model.bin")
+    return target
+
+
+def test_a_tokenizer_saved_by_transformers_alone_is_read(gpt2_folder, tmp_path):
+    folder, _ = gpt2_folder
+    only_json = tmp_path / "only-tokenizer-json"
+    shutil.copytree(folder, only_json)
+    fast = transformers.GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    fast.backend_tokenizer.save(str(only_json / "tokenizer.json"))
+    (only_json / "vocab.json").unlink()
+    (only_json / "merges.txt").unlink()
+    _, _, tokenizer = hf.load_pretrained(str(only_json))
+    _, _, reference = hf.load_pretrained(str(folder))
+    assert tokenizer == reference  # the same ranks, wherever they were read from
+
+
+def test_export_destinations_that_cannot_be_written_are_one_line_errors(gpt2_folder, tmp_path):
+    folder, _ = gpt2_folder
+    params, cfg, tokenizer = hf.load_pretrained(str(folder))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot write .*a-file/model"):
+        hf.save_pretrained(params, cfg, tokenizer, tmp_path / "a-file" / "model")
+    with pytest.raises(ConfigError, match="names an .npz file, but the format is hf"):
+        hf.save_pretrained(params, cfg, tokenizer, tmp_path / "model.npz", format="hf")
+    with pytest.raises(ConfigError, match="the params do not fit the config"):
+        hf.save_pretrained(params, dataclasses.replace(cfg, n_layer=1), tokenizer, tmp_path / "one-layer")
+    # What an export killed midway left (its process is gone) is removed by the next export there.
+    (tmp_path / ".model.tmp-999999999").mkdir()
+    dest = hf.save_pretrained(params, cfg, tokenizer, tmp_path / "model")
+    assert not (tmp_path / ".model.tmp-999999999").exists()
+    assert (dest / "model.safetensors").stat().st_mode == (dest / "config.json").stat().st_mode
+    assert hf.save_pretrained(params, cfg, tokenizer, tmp_path / "p.npz").is_file()  # npz by its name

@@ -1,6 +1,8 @@
 import base64
+import hashlib
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -315,10 +317,12 @@ def test_every_kind_round_trips_through_json(bpe, small_gpt2):
         assert pickle.loads(pickle.dumps(tok)) == tok  # worker processes receive tokenizers by pickle
 
 
-def test_the_gpt2_description_names_its_file_and_size(small_gpt2, tmp_path):
+def test_the_gpt2_description_carries_its_ranks_not_a_path(small_gpt2, tmp_path):
     data = small_gpt2.to_json()
     assert data["kind"] == "gpt2" and data["n_vocab"] == small_gpt2.vocab_size
-    assert data["encoding_file"] == str(tmp_path / "small.tiktoken")
+    assert str(tmp_path) not in json.dumps(data)
+    shutil.copy(tmp_path / "small.tiktoken", tmp_path / "copy.tiktoken")
+    assert Gpt2Tokenizer.load(tmp_path / "copy.tiktoken") == small_gpt2  # the same tokens, the same tokenizer
 
 
 def test_an_old_char_description_without_kind_still_loads():
@@ -342,14 +346,27 @@ def test_a_broken_description_is_one_line(data, message):
     assert "\n" not in str(error.value)
 
 
-def test_a_gpt2_tokenizer_whose_file_is_gone_or_changed_is_refused(small_gpt2, tmp_path):
+def test_a_gpt2_description_needs_no_file_and_refuses_edited_ranks(small_gpt2, tmp_path):
     data = small_gpt2.to_json()
-    _write_ranks(tmp_path / "small.tiktoken", [bytes([b]) for b in range(256)] + SMALL_MERGES[::-1])
-    with pytest.raises(TokenizerError, match="changed since the tokenizer was saved"):
-        tokenizer_from_json(data)
     (tmp_path / "small.tiktoken").unlink()
+    assert tokenizer_from_json(data).encode(MIXED).tolist() == small_gpt2.encode(MIXED).tolist()
+    bytes_only = Gpt2Tokenizer.from_ranks({bytes([b]): b for b in range(256)}, "bytes only")
+    edited = {**data, "ranks": bytes_only.to_json()["ranks"]}
+    with pytest.raises(TokenizerError, match="do not match their sha256"):
+        tokenizer_from_json(edited)
+
+
+def test_an_older_gpt2_description_naming_a_file_gone_or_changed_is_refused(small_gpt2, tmp_path):
+    path = tmp_path / "small.tiktoken"
+    older = {"kind": "gpt2", "normalization": "nfc", "encoding_file": str(path),
+             "n_vocab": small_gpt2.vocab_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert tokenizer_from_json(older) == small_gpt2
+    _write_ranks(path, [bytes([b]) for b in range(256)] + SMALL_MERGES[::-1])
+    with pytest.raises(TokenizerError, match="changed since the tokenizer was saved"):
+        tokenizer_from_json(older)
+    path.unlink()
     with pytest.raises(TokenizerError, match=r"does not exist; .*--encoding_file=PATH") as error:
-        tokenizer_from_json(data)
+        tokenizer_from_json(older)
     assert "\n" not in str(error.value)
 
 
