@@ -238,6 +238,18 @@ class Checkpointer:
         raise CheckpointError(f"no usable checkpoint in {self.directory} ({steps}); restore the directory "
                               "from a backup or train again")
 
+    def newest_metadata(self) -> dict[str, Any] | None:
+        """The JSON metadata of the newest step (None when there is no step or it cannot be read)."""
+        steps = self.steps()
+        if not steps:
+            return None
+        try:
+            with _quiet_storage_logs():
+                args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+                return self._manager.restore(steps[-1], args=args)["meta"]
+        except Exception:  # damaged or pruned meanwhile: the restore that follows reports it
+            return None
+
     def _restore_step(self, step: int, target_for: Callable[[dict[str, Any]], Any]) -> Restored:
         path = self.directory / str(step)
         _silence_abandoned_reads()

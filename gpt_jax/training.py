@@ -214,7 +214,7 @@ def train(cfg: Config, data: TokenData | None = None, log: Callable[[str], None]
         sharding.initialize_distributed(cfg.distributed)
         mesh = mesh or sharding.make_mesh()
         sharding.check_batch(cfg, mesh)
-        cfg = hf.pretrained_config(cfg)
+        cfg = hf.pretrained_config(_pretrained_origin(cfg))
         cfg, data = _setup_everywhere(cfg, data)
         if is_pretrained(cfg.init_from):
             hf.check_data_tokenizer(cfg, data.tokenizer)
@@ -335,6 +335,18 @@ def _initial_state(cfg: Config, ckpt: Checkpointer, data: TokenData, log, mesh: 
         log(f"resuming with changed settings: {'; '.join(changes)}")
     log(f"resuming from step {step} in {ckpt.directory}")
     return state, meta["metrics"].get("best_val_loss", math.inf), True
+
+
+def _pretrained_origin(cfg: Config) -> Config:
+    """``cfg`` resuming (``resume`` or ``auto``) a run that started from pretrained weights continues it
+    from them: its init_from becomes theirs, so the model and tokenizer are the weights' again."""
+    if cfg.init_from not in ("resume", "auto") or not complete_steps(checkpoint_dir(cfg.out_dir)):
+        return cfg
+    with Checkpointer(cfg.out_dir, read_only=True) as ckpt:
+        meta = ckpt.newest_metadata()
+    saved = (meta or {}).get("config", {}).get("init_from")
+    started_from_weights = isinstance(saved, str) and is_pretrained(saved)
+    return dataclasses.replace(cfg, init_from=saved) if started_from_weights else cfg
 
 
 def _nothing_to_resume(out_dir: str | Path) -> NoCheckpointError:

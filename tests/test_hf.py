@@ -24,7 +24,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from conftest import ROOT, TINY
 from gpt_jax import hf
 from gpt_jax.config import Config, make_config
-from gpt_jax.errors import ConfigError, GptJaxError, IncompatibleCheckpointError
+from gpt_jax.errors import ConfigError, GptJaxError
 from gpt_jax.model import init_params, logits_fn
 from gpt_jax.sampling import generate
 
@@ -310,7 +310,8 @@ def test_gpt2_names_come_from_the_hugging_face_cache_or_fail_saying_how_to_get_t
 def test_finetune_preset_runs_resumes_exactly_and_samples(gpt2_folder, shakespeare_file, data_dir, tmp_path,
                                                           capsys):
     """configs/finetune_shakespeare.py from the small GPT-2: the first evaluation is the imported model's
-    loss; stopping at step 2 and running the same command again gives the uninterrupted run's weights."""
+    loss; stopping at step 2 and running the same command again gives the uninterrupted run's weights;
+    --init_from=resume continues it too."""
     from conftest import load_script
     from gpt_jax.checkpoint import load_checkpoint
     from gpt_jax.data import load_data
@@ -331,11 +332,11 @@ def test_finetune_preset_runs_resumes_exactly_and_samples(gpt2_folder, shakespea
     split = dict(small, out_dir=str(tmp_path / "split"))
     train(make_config("finetune_shakespeare", **{**split, "max_iters": 2}))
     train(make_config("finetune_shakespeare", **split))  # the same command again: continues step 2
-    with pytest.raises(IncompatibleCheckpointError, match=f"continue it with --init_from={folder}"):
-        train(make_config("finetune_shakespeare", **{**split, "init_from": "resume", "max_iters": 6}))
     a, _, _, _ = load_checkpoint(straight.out_dir)
     b, _, _, _ = load_checkpoint(split["out_dir"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    resumed = train(make_config("finetune_shakespeare", **{**split, "init_from": "resume", "max_iters": 5}))
+    assert int(resumed.state.step) == 5 and resumed.config.n_layer == 2  # the weights' model, continued
 
     sample = load_script("sample.py")
     capsys.readouterr()
