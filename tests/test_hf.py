@@ -302,7 +302,7 @@ def test_gpt2_names_come_from_the_hugging_face_cache_or_fail_saying_how_to_get_t
     readme = (ROOT / "README.md").read_text().split("## GPT-2 and Hugging Face", 1)[1].split("\n## ", 1)[0]
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec("import gpt_jax\n" + re.search(r"```python\n(.*?)```", readme, re.S).group(1), namespace)
+    exec(re.search(r"```python\n(.*?)```", readme, re.S).group(1), namespace)
     assert namespace["model"].config.n_layer == 2
 
 
