@@ -31,15 +31,14 @@ def main(argv: list[str]) -> int:
 
     initialize_distributed(cfg.distributed if cfg else args.get("distributed", False))
     say = print if is_primary() else (lambda *a: None)
-    if cfg is None and is_pretrained(args.get("init_from", "scratch")):
-        preset = FINETUNE_PRESET
-        say(f"config: {preset} (default with pretrained weights; pass a config file to choose)")
-        cfg = make_config(preset, **args)
-    elif cfg is None:
+    if cfg is None:
         import jax
 
-        preset = default_preset()
-        say(f"config: {preset} (default on {jax.default_backend()}; pass a config file to choose)")
+        if is_pretrained(args.get("init_from", "scratch")):
+            preset, why = FINETUNE_PRESET, "default with pretrained weights"
+        else:
+            preset, why = default_preset(), f"default on {jax.default_backend()}"
+        say(f"config: {preset} ({why}; pass a config file to choose)")
         cfg = make_config(preset, **args)
     else:
         say(f"config: {preset}")

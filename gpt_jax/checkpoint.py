@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 
-from gpt_jax.config import FIELDS, Config, coerce, expand, is_pretrained, validate
+from gpt_jax.config import FIELDS, Config, coerce, expand, validate
 from gpt_jax.errors import (
     CheckpointError,
     GptJaxError,
@@ -121,10 +121,6 @@ def resume_changes(meta: dict[str, Any], cfg: Config, tokenizer: Tokenizer) -> l
     other_vocabulary = saved_vocabulary != tokenizer.to_json()
     if other_vocabulary and not any(c.startswith(("vocab_size", "tokenizer")) for c in model):
         model.append("the vocabulary (same size, other tokens)")
-    if model and is_pretrained(saved.init_from) and not is_pretrained(cfg.init_from):
-        raise IncompatibleCheckpointError(
-            f"this run started from the weights of {saved.init_from}, which fix its model; continue it with "
-            f"--init_from={saved.init_from} (with checkpoints in out_dir, that resumes them)")
     if model:
         other_data = saved.vocab_size != cfg.vocab_size or other_vocabulary
         raise IncompatibleCheckpointError(

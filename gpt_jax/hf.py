@@ -463,7 +463,6 @@ def weights_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
 
     params = unstack_layers(params, cfg)
     D, V = cfg.n_embd, cfg.vocab_size
-    host = params
 
     def array(x: Any) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -475,17 +474,18 @@ def weights_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
         kernel = array(p["kernel"])
         return kernel, array(p["bias"]) if "bias" in p else np.zeros(kernel.shape[1], np.float32)
 
-    weights = {"transformer.wte.weight": array(host["wte"])[:V], "transformer.wpe.weight": array(host["wpe"])}
+    weights = {"transformer.wte.weight": array(params["wte"])[:V],
+               "transformer.wpe.weight": array(params["wpe"])}
     for i in range(cfg.n_layer):
-        layer, h = host[f"h_{i}"], f"transformer.h.{i}"
+        layer, h = params[f"h_{i}"], f"transformer.h.{i}"
         pairs = {"ln_1": norm(layer["ln_1"]), "ln_2": norm(layer["ln_2"]),
                  "attn.c_attn": dense(layer["attn"]["c_attn"]), "attn.c_proj": dense(layer["attn"]["c_proj"]),
                  "mlp.c_fc": dense(layer["mlp"]["c_fc"]), "mlp.c_proj": dense(layer["mlp"]["c_proj"])}
         for name, (weight, bias) in pairs.items():
             weights[f"{h}.{name}.weight"], weights[f"{h}.{name}.bias"] = weight, bias
-    weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"] = norm(host["ln_f"])
+    weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"] = norm(params["ln_f"])
     if not cfg.tie_embeddings:
-        weights["lm_head.weight"] = array(host["lm_head"]["kernel"])[:, :V].T.copy()
+        weights["lm_head.weight"] = array(params["lm_head"]["kernel"])[:, :V].T.copy()
     return weights
 
 
